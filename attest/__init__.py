@@ -1,0 +1,1 @@
+"""cdvm attestation: evidence providers, parsers, verification, policy and collateral."""

@@ -1,0 +1,1 @@
+"""cdvm jobs: job kinds, sandbox backends, the in-sandbox runner, RAG and llama.cpp."""
