@@ -1,0 +1,81 @@
+"""How the worker builds each job's sandbox: runner arguments, read-only views, limits.
+
+The runner sees only: the Python runtime, cdvm's own code, the model file (all read-only),
+the simulated TEE's directory when the sim TEE is used, and a private tmpfs. Its
+environment is built here from scratch; nothing of the worker's (such as ``CDVM_NSEC``)
+leaks in.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import attest
+import dvm
+import jobs
+from dvm.paths import state_dir
+from jobs.model import ModelRef
+from jobs.sandbox import SandboxSpec, python_runtime_binds
+
+SANDBOX_HOME = "/tmp"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Operator settings for every job's sandbox (``[sandbox]`` in the worker config)."""
+
+    tee: str = "auto"
+    threads: int = max(1, len(os.sched_getaffinity(0)))
+    n_ctx: int = 2048
+    max_tokens_cap: int = 1024
+    retrieve_k: int = 4
+    memory_mb: int = 3072
+    cpu_seconds: int = 1800
+    wall_timeout_s: float = 1800.0
+    tmpfs_mb: int = 256
+    max_processes: int = 64
+
+
+def code_roots() -> tuple[Path, ...]:
+    """The directories holding cdvm's packages (one for an editable install or a site-packages dir)."""
+    return tuple(dict.fromkeys(Path(package.__file__).resolve().parent.parent for package in (dvm, jobs, attest)))
+
+
+def runner_spec(settings: RunnerSettings, model: ModelRef) -> SandboxSpec:
+    """The sandbox spec of one job's runner."""
+    argv = [
+        sys.executable, "-m", "jobs.runner",
+        "--model", str(model.path),
+        "--tee", settings.tee,
+        "--n-ctx", str(settings.n_ctx),
+        "--threads", str(settings.threads),
+        "--max-tokens-cap", str(settings.max_tokens_cap),
+        "--retrieve-k", str(settings.retrieve_k),
+    ]
+    binds = [*python_runtime_binds(), *code_roots(), model.path.resolve()]
+    env = {
+        "PYTHONPATH": os.pathsep.join(str(root) for root in code_roots()),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": SANDBOX_HOME,
+        "CDVM_CACHE_DIR": f"{SANDBOX_HOME}/cache",
+        "CDVM_CONFIG_DIR": f"{SANDBOX_HOME}/config",
+        "CDVM_STATE_DIR": f"{SANDBOX_HOME}/state",
+        "OMP_NUM_THREADS": str(settings.threads),
+    }
+    if settings.tee == "sim":
+        argv.append("--allow-sim")
+        sim_dir = state_dir() / "sim-tee"
+        binds.append(sim_dir)
+        env["CDVM_STATE_DIR"] = str(state_dir())
+    return SandboxSpec(
+        argv=tuple(argv),
+        ro_binds=tuple(dict.fromkeys(binds)),
+        env=env,
+        memory_bytes=settings.memory_mb * 1024 * 1024,
+        cpu_seconds=settings.cpu_seconds,
+        wall_timeout_s=settings.wall_timeout_s,
+        max_processes=settings.max_processes,
+        tmpfs_bytes=settings.tmpfs_mb * 1024 * 1024,
+    )

@@ -1,0 +1,106 @@
+"""A pool of pre-started sandboxes, each used for exactly one job.
+
+A sandbox is "warm" once its runner has loaded and hashed the model and sent ``ready``.
+:meth:`WarmPool.acquire` hands out a warm sandbox (and starts a replacement in the
+background) so a job never waits for process start or model load; with ``size=0`` every
+job starts its sandbox cold. Nothing is ever returned to the pool: a sandbox that served a
+job is destroyed by its user.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from jobs.sandbox import Sandbox, SandboxBackend, SandboxSpec
+from jobs.sandbox_errors import SandboxError, SandboxStartError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    """What the runner reported when it became ready, and how long that took."""
+
+    model_name: str
+    model_sha256: str
+    start_ms: float
+
+
+class WarmPool:
+    """Keeps ``size`` sandboxes started and ready; see the module docstring."""
+
+    def __init__(self, backend: SandboxBackend, spec: SandboxSpec, size: int, ready_timeout: float = 180.0) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.size = max(0, size)
+        self.ready_timeout = ready_timeout
+        self._ready: asyncio.Queue[tuple[Sandbox, ReadyInfo] | SandboxError] = asyncio.Queue()
+        self._filling: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.last_ready: ReadyInfo | None = None
+
+    async def start(self) -> None:
+        """Reap sandboxes a crashed worker left behind, then begin filling the pool."""
+        reaped = await self.backend.reap_orphans()
+        if reaped:
+            log.warning("removed %d sandbox(es) left by an earlier worker", reaped)
+        for _ in range(self.size):
+            self._refill()
+
+    def _refill(self) -> None:
+        if self._closed:
+            return
+        task = asyncio.create_task(self._fill_one())
+        self._filling.add(task)
+        task.add_done_callback(self._filling.discard)
+
+    async def _fill_one(self) -> None:
+        try:
+            self._ready.put_nowait(await self._start_ready())
+        except SandboxError as error:
+            log.error("could not pre-start a sandbox: %s", error)
+            self._ready.put_nowait(error)
+
+    async def _start_ready(self) -> tuple[Sandbox, ReadyInfo]:
+        started = time.perf_counter()
+        sandbox = await self.backend.start(self.spec, f"sb-{secrets.token_hex(8)}")
+        try:
+            async with asyncio.timeout(self.ready_timeout):
+                message = await sandbox.recv()
+        except (TimeoutError, SandboxError) as error:
+            await sandbox.destroy()
+            raise SandboxStartError(f"the sandbox runner did not become ready: {error or 'timed out'}") from None
+        model = message.get("model") if message.get("op") == "ready" else None
+        if not isinstance(model, dict):
+            await sandbox.destroy()
+            raise SandboxStartError(f"the sandbox runner did not start: {message.get('reason') or message.get('op')}")
+        info = ReadyInfo(str(model.get("name")), str(model.get("sha256")), (time.perf_counter() - started) * 1000)
+        self.last_ready = info
+        return sandbox, info
+
+    async def acquire(self) -> Sandbox:
+        """A ready sandbox that has never served a job."""
+        if not self.size:
+            sandbox, _ = await self._start_ready()
+            return sandbox
+        item = await self._ready.get()
+        self._refill()
+        if isinstance(item, SandboxError):
+            raise item
+        sandbox, _ = item
+        sandbox.reset_deadline()
+        return sandbox
+
+    async def close(self) -> None:
+        """Destroy every idle sandbox and stop refilling."""
+        self._closed = True
+        for task in list(self._filling):
+            task.cancel()
+        await asyncio.gather(*self._filling, return_exceptions=True)
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            if not isinstance(item, SandboxError):
+                await item[0].destroy()
