@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from attest.binding import check_report_data
+from attest.collateral import collateral_from_json
 from attest.errors import AttestError
 from attest.evidence import Evidence
 from attest.policy import Policy
@@ -41,6 +42,7 @@ from dvm.nip89 import HANDLER_KIND, AnnouncementError, parse_announcement
 from dvm.nip90 import FEEDBACK_KIND, RESULT_KIND_OFFSET, build_job_request, parse_feedback
 from dvm.nostr_errors import NostrError
 from dvm.pool import PoolSubscription, RelayPool
+from dvm.relay import GIFT_WRAP_RESUME_MARGIN
 from dvm.wire import Filter
 from jobs.messages import (
     Attestation,
@@ -183,7 +185,8 @@ class ConfidentialJob:
             [Filter(kinds=(FEEDBACK_KIND, self.options.kind + RESULT_KIND_OFFSET), tags={"e": [request.id]})]
         )
         inbox = await self.pool.subscribe(
-            [Filter(kinds=(GIFT_WRAP_KIND,), tags={"p": [me]}, since=int(time.time()) - MAX_TIME_TWEAK - 600)]
+            [Filter(kinds=(GIFT_WRAP_KIND,), tags={"p": [me]}, since=int(time.time()) - MAX_TIME_TWEAK - 600)],
+            resume_margin=GIFT_WRAP_RESUME_MARGIN,
         )
         events = self._events(feedback, inbox)
         try:
@@ -293,8 +296,12 @@ class ConfidentialJob:
         verdict: Verdict | None = None
         try:
             evidence = Evidence.from_json(json.dumps(attestation.evidence))
+            collateral = None
+            if attestation.collateral is not None:
+                collateral = collateral_from_json(json.dumps(attestation.collateral))
             verdict = await verify_evidence_online(
                 evidence,
+                collateral=collateral,
                 now=datetime.now(timezone.utc),
                 policy=self.options.policy,
                 allow_simulated=self.options.allow_simulated,

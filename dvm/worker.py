@@ -29,11 +29,12 @@ from dvm.nip01 import Event
 from dvm.nip09 import DELETION_KIND, deleted_ids
 from dvm.nip17 import DM_RELAYS_KIND, parse_dm_relay_list
 from dvm.nip40 import is_expired
+from dvm.nip59 import GIFT_WRAP_KIND
 from dvm.nip89 import build_announcement
 from dvm.nip90 import JobRequest, JobRequestError, build_feedback, parse_job_request
 from dvm.nostr_errors import NostrError
 from dvm.pool import PoolSubscription, PublishFailed, RelayPool
-from dvm.relay import RelayError
+from dvm.relay import GIFT_WRAP_RESUME_MARGIN, RelayError
 from dvm.wire import Filter
 from jobs.sandbox import Sandbox
 from jobs.sandbox_errors import SandboxError
@@ -43,6 +44,12 @@ log = logging.getLogger(__name__)
 
 MAX_FORWARDED_EVENTS = 50_000
 """Events forwarded to one sandbox at most: a flood to a one-time key cannot grow without bound."""
+
+PHASE_TEXT = {
+    "attesting": "producing attestation evidence",
+    "waiting_documents": "waiting for the customer's documents",
+    "generating": "generating the answer",
+}
 
 RESTART_REASON = "the worker restarted while running this job; nothing was kept, please resubmit it"
 
@@ -325,7 +332,7 @@ class Worker:
             except SandboxError as error:
                 raise JobFailed(f"the sandbox stopped: {error}") from None
         receive.cancel()
-        reason = "the customer cancelled the job" if cancel.is_set() else f"timed out while {phase.replace('_', ' ')}"
+        reason = "the customer cancelled the job" if cancel.is_set() else f"timed out while {PHASE_TEXT.get(phase, phase)}"
         await self._cancel_sandbox(sandbox, reason)
         raise JobFailed(reason)
 
@@ -368,9 +375,11 @@ class Worker:
     async def _forward(self, sandbox: Sandbox, message: dict[str, Any], forwarders: list[asyncio.Task[None]]) -> PoolSubscription:
         """Subscribe for the sandbox (only gift wraps to one key are allowed) and forward what arrives."""
         spec = message.get("filter")
-        if not isinstance(spec, dict) or set(spec) != {"kinds", "#p"} or spec["kinds"] != [1059] or len(spec["#p"]) != 1:
+        if not isinstance(spec, dict) or set(spec) != {"kinds", "#p"} or spec["kinds"] != [GIFT_WRAP_KIND] or len(spec["#p"]) != 1:
             raise JobFailed("the sandbox asked for a subscription outside the protocol")
-        subscription = await self.pool.subscribe([Filter(kinds=(1059,), tags={"p": spec["#p"]})])
+        subscription = await self.pool.subscribe(
+            [Filter(kinds=(GIFT_WRAP_KIND,), tags={"p": spec["#p"]})], resume_margin=GIFT_WRAP_RESUME_MARGIN
+        )
 
         async def pump() -> None:
             forwarded = 0

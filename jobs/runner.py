@@ -24,9 +24,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from attest import sim
 from attest.binding import build_report_data
+from attest.collateral import collateral_to_json
 from attest.providers import get_evidence
 from dvm import nip04, nip44
 from dvm.errors import CdvmError
@@ -37,7 +40,7 @@ from dvm.nip59 import GIFT_WRAP_KIND
 from dvm.nip90 import JobRequest, build_result, parse_job_request
 from dvm.nostr_errors import NostrError
 from jobs.channel import BlockingChannel
-from jobs.errors import JobError
+from jobs.errors import JobError, ParamError
 from jobs.llm import LoadedModel, load
 from jobs.messages import (
     Attestation,
@@ -50,8 +53,8 @@ from jobs.messages import (
     result_content,
 )
 from jobs.model import ModelRef, resolve_model
-from jobs.params import parse_params
-from jobs.rag import Bm25Index, build_prompt, chunk_documents, prompt_budget
+from jobs.params import GenerationParams, parse_params
+from jobs.rag import ANSWER_STOP, Bm25Index, answer_text, build_prompt, chunk_documents, prompt_budget
 
 CDVM_TAG = "cdvm"
 
@@ -97,6 +100,13 @@ class Runner:
         self.key = PrivateKey.generate()
         self.timings: dict[str, float] = {}
 
+    def _params(self, source: Any) -> GenerationParams:
+        """Validated params; a ``model`` param must name the model this sandbox loaded."""
+        params = parse_params(source, max_tokens_cap=self.config.max_tokens_cap)
+        if params.model and params.model not in (self.model.name, Path(self.model.name).stem, self.model.sha256):
+            raise ParamError(f"this DVM serves the model {self.model.name} (sha256 {self.model.sha256}), not {params.model}")
+        return params
+
     def _phase(self, name: str) -> None:
         self.channel.send({"op": "phase", "phase": name})
 
@@ -130,7 +140,7 @@ class Runner:
     def _serve_plain(self, request: JobRequest, opened_tags: list[list[str]] | None, customer: PublicKey) -> dict[str, Any]:
         """A plain NIP-90 request: the prompt came in the request (opened by the worker if encrypted)."""
         tags = [tuple(tag) for tag in opened_tags] if opened_tags else list(request.event.tags)
-        params = parse_params(tags, max_tokens_cap=self.config.max_tokens_cap)
+        params = self._params(tags)
         prompt = "\n\n".join(tag[1] for tag in tags if len(tag) >= 2 and tag[0] == "i" and (len(tag) < 3 or tag[2] == "text"))
         if not prompt.strip():
             raise ProtocolError("the job request has no text input")
@@ -151,6 +161,7 @@ class Runner:
         report_data = build_report_data(self.key.public_key.raw, request.id, nonce, self.model.sha256)
         evidence = get_evidence(report_data, self.config.tee, allow_sim=self.config.allow_sim)
         limits = Limits()
+        collateral = json.loads(collateral_to_json(sim.sim_collateral())) if evidence.tee == "sim" else None
         attestation = Attestation(
             job=request.id,
             nonce=nonce,
@@ -160,6 +171,7 @@ class Runner:
             model_sha256=self.model.sha256,
             gpu_evidence_sha256=None,
             limits=limits,
+            collateral=collateral,
         )
         self.timings["evidence_ms"] = (time.perf_counter() - started) * 1000
         self.channel.send({"op": "subscribe", "filter": {"kinds": [GIFT_WRAP_KIND], "#p": [self.key.public_key.hex()]}})
@@ -201,21 +213,22 @@ class Runner:
                 return ready
 
     def _answer(self, run: RunRequest) -> tuple[str, dict[str, int]]:
-        params = parse_params(run.params, max_tokens_cap=self.config.max_tokens_cap)
+        params = self._params(run.params)
         started = time.perf_counter()
         texts = [(name, data.decode("utf-8", errors="replace")) for name, data in run.documents]
-        prompt = run.prompt
+        prompt, stop = run.prompt, ()
         if texts:
             chunks = chunk_documents(texts, count_tokens=self.llm.count_tokens)
             passages = Bm25Index(chunks).search(run.prompt, k=self.config.retrieve_k)
             budget = prompt_budget(self.llm.n_ctx, params.max_tokens)
             prompt, _ = build_prompt(run.prompt, passages, token_budget=budget, count_tokens=self.llm.count_tokens)
+            stop = ANSWER_STOP
         self.timings["retrieval_ms"] = (time.perf_counter() - started) * 1000
-        generation = self.llm.generate(prompt, params)
+        generation = self.llm.generate(prompt, params, stop=stop)
         self.timings["prompt_ms"] = generation.timings_ms.prompt_ms
         self.timings["generation_ms"] = generation.timings_ms.generation_ms
         usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens}
-        return generation.text.strip(), usage
+        return (answer_text(generation.text) if stop else generation.text.strip()), usage
 
 
 def parse_args(argv: list[str] | None) -> RunnerConfig:
@@ -238,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     channel = BlockingChannel(sys.stdin.buffer, frames_out)
     config = parse_args(argv)
     try:
-        model = resolve_model(config.model)
+        model = resolve_model(config.model, use_digest_cache=False)
         llm = load(model, n_ctx=config.n_ctx, n_threads=config.threads)
+        if config.tee == "sim":
+            sim.sim_collateral()
         channel.send({"op": "ready", "model": {"name": model.name, "sha256": model.sha256}})
         job = channel.recv()
         if job is None or job.get("op") == "cancel":

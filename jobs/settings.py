@@ -1,7 +1,7 @@
 """How the worker builds each job's sandbox: runner arguments, read-only views, limits.
 
 The runner sees only: the Python runtime, cdvm's own code, the model file (all read-only),
-the simulated TEE's directory when the sim TEE is used, and a private tmpfs. Its
+and a private tmpfs (where the simulated TEE, when used, creates its own throw-away PKI). Its
 environment is built here from scratch; nothing of the worker's (such as ``CDVM_NSEC``)
 leaks in.
 """
@@ -15,7 +15,6 @@ from pathlib import Path
 import attest
 import dvm
 import jobs
-from dvm.paths import state_dir
 from jobs.model import ModelRef
 from jobs.sandbox import SandboxSpec, python_runtime_binds
 
@@ -66,9 +65,6 @@ def runner_spec(settings: RunnerSettings, model: ModelRef) -> SandboxSpec:
     }
     if settings.tee == "sim":
         argv.append("--allow-sim")
-        sim_dir = state_dir() / "sim-tee"
-        binds.append(sim_dir)
-        env["CDVM_STATE_DIR"] = str(state_dir())
     return SandboxSpec(
         argv=tuple(argv),
         ro_binds=tuple(dict.fromkeys(binds)),
