@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "dvm.cli_dm",
     "attest.cli",
     "jobs.cli",
+    "bench.cli",
 )
 
 
