@@ -14,6 +14,9 @@ key                         default                  range
 ``top_p``/``top-p``         0.95                     0 .. 1 (1: no top-p cut)
 ``seed``                    none (random)            0 .. 2**32 - 2
 ``model``                   none (operator default)  a name: 1..128 of ``A-Za-z0-9._:/-``
+``ignore_eos``/``ignore-eos``  false                 ``true``/``false``/``1``/``0``: generate exactly
+                                                     ``max_tokens`` (no end token, no stop
+                                                     string), for benchmarks
 ==========================  =======================  ======================================
 
 Temperature defaults to 0 because the default model is a 270M base model: greedy decoding
@@ -46,6 +49,8 @@ _ALIASES = {
     "top-p": "top_p",
     "seed": "seed",
     "model": "model",
+    "ignore_eos": "ignore_eos",
+    "ignore-eos": "ignore_eos",
 }
 
 
@@ -59,6 +64,7 @@ class GenerationParams:
     top_p: float = 0.95
     seed: int | None = None
     model: str | None = None
+    ignore_eos: bool = False
 
 
 def _as_int(key: str, value: object, low: int, high: int) -> int:
@@ -84,6 +90,17 @@ def _as_float(key: str, value: object, low: float, high: float) -> float:
     if not math.isfinite(number) or not low <= number <= high:
         raise ParamError(f"param {key} must be between {low:g} and {high:g}, got {value}")
     return number
+
+
+def _as_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
+    raise ParamError(f"param {key} must be true or false, got {value!r}")
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _pairs(source: Iterable[object] | Mapping[str, object]) -> Iterable[tuple[str, object]]:
@@ -137,6 +154,8 @@ def parse_params(
             values[name] = _as_float(key, raw, 0.0, 1.0)
         elif name == "seed":
             values[name] = _as_int(key, raw, 0, SEED_MAX)
+        elif name == "ignore_eos":
+            values[name] = _as_bool(key, raw)
         elif not isinstance(raw, str) or not _MODEL_NAME.fullmatch(raw):
             raise ParamError(f"param {key} must be a model name of 1-128 characters from A-Za-z0-9._:/-")
         else:

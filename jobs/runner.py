@@ -54,7 +54,7 @@ from jobs.messages import (
 )
 from jobs.model import ModelRef, resolve_model
 from jobs.params import GenerationParams, parse_params
-from jobs.rag import ANSWER_STOP, Bm25Index, answer_text, build_prompt, chunk_documents, prompt_budget
+from jobs.rag import ANSWER_STOP, Bm25Index, EmbeddingIndex, answer_text, build_prompt, chunk_documents, prompt_budget
 
 CDVM_TAG = "cdvm"
 
@@ -74,6 +74,7 @@ class RunnerConfig:
     threads: int
     max_tokens_cap: int
     retrieve_k: int
+    embedding_model: str | None
 
 
 def cdvm_nonce(request: JobRequest) -> str | None:
@@ -92,11 +93,13 @@ def cdvm_nonce(request: JobRequest) -> str | None:
 class Runner:
     """Serves exactly one job from a loaded model, then exits."""
 
-    def __init__(self, channel: BlockingChannel, config: RunnerConfig, model: ModelRef, llm: LoadedModel) -> None:
+    def __init__(self, channel: BlockingChannel, config: RunnerConfig, model: ModelRef, llm: LoadedModel,
+                 embedder: LoadedModel | None = None) -> None:
         self.channel = channel
         self.config = config
         self.model = model
         self.llm = llm
+        self.embedder = embedder
         self.key = PrivateKey.generate()
         self.timings: dict[str, float] = {}
 
@@ -145,7 +148,7 @@ class Runner:
         if not prompt.strip():
             raise ProtocolError("the job request has no text input")
         self._phase("generating")
-        generation = self.llm.generate(prompt, params)
+        generation = self.llm.generate(prompt, params, ignore_eos=params.ignore_eos)
         if request.encryption == "nip04":
             content = nip04.encrypt(self.key, customer, generation.text)
         elif request.encryption == "nip44":
@@ -219,12 +222,13 @@ class Runner:
         prompt, stop = run.prompt, ()
         if texts:
             chunks = chunk_documents(texts, count_tokens=self.llm.count_tokens)
-            passages = Bm25Index(chunks).search(run.prompt, k=self.config.retrieve_k)
+            index = EmbeddingIndex(chunks, self.embedder) if self.embedder else Bm25Index(chunks)
+            passages = index.search(run.prompt, k=self.config.retrieve_k)
             budget = prompt_budget(self.llm.n_ctx, params.max_tokens)
             prompt, _ = build_prompt(run.prompt, passages, token_budget=budget, count_tokens=self.llm.count_tokens)
-            stop = ANSWER_STOP
+            stop = () if params.ignore_eos else ANSWER_STOP
         self.timings["retrieval_ms"] = (time.perf_counter() - started) * 1000
-        generation = self.llm.generate(prompt, params, stop=stop)
+        generation = self.llm.generate(prompt, params, stop=stop, ignore_eos=params.ignore_eos)
         self.timings["prompt_ms"] = generation.timings_ms.prompt_ms
         self.timings["generation_ms"] = generation.timings_ms.generation_ms
         usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens}
@@ -240,8 +244,10 @@ def parse_args(argv: list[str] | None) -> RunnerConfig:
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
     parser.add_argument("--max-tokens-cap", type=int, default=1024)
     parser.add_argument("--retrieve-k", type=int, default=4)
+    parser.add_argument("--embedding-model", default=None)
     args = parser.parse_args(argv)
-    return RunnerConfig(args.model, args.tee, args.allow_sim, args.n_ctx, args.threads, args.max_tokens_cap, args.retrieve_k)
+    return RunnerConfig(args.model, args.tee, args.allow_sim, args.n_ctx, args.threads, args.max_tokens_cap,
+                        args.retrieve_k, args.embedding_model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = resolve_model(config.model, use_digest_cache=False)
         llm = load(model, n_ctx=config.n_ctx, n_threads=config.threads)
+        embedder = None
+        if config.embedding_model:
+            embedder = load(resolve_model(config.embedding_model, use_digest_cache=False), n_ctx=512,
+                            n_threads=config.threads, embedding=True)
         if config.tee == "sim":
             sim.sim_collateral()
         channel.send({"op": "ready", "model": {"name": model.name, "sha256": model.sha256}})
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if job.get("op") != "job":
             raise ProtocolError(f"expected a job, got {job.get('op')!r}")
-        runner = Runner(channel, config, model, llm)
+        runner = Runner(channel, config, model, llm, embedder)
         usage = runner.serve(job)
         channel.send({"op": "done", "usage": usage, "timings_ms": runner.timings})
         return 0

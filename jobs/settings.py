@@ -23,7 +23,11 @@ SANDBOX_HOME = "/tmp"
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    """Operator settings for every job's sandbox (``[sandbox]`` in the worker config)."""
+    """Operator settings for every job's sandbox (``[sandbox]`` in the worker config).
+
+    ``embedding_model`` (a GGUF embedding model) switches retrieval from BM25 to embeddings;
+    ``runner_module`` replaces the in-sandbox runner (same channel protocol) for custom jobs.
+    """
 
     tee: str = "auto"
     threads: int = max(1, len(os.sched_getaffinity(0)))
@@ -35,6 +39,8 @@ class RunnerSettings:
     wall_timeout_s: float = 1800.0
     tmpfs_mb: int = 256
     max_processes: int = 64
+    embedding_model: str | None = None
+    runner_module: str = "jobs.runner"
 
 
 def code_roots() -> tuple[Path, ...]:
@@ -45,7 +51,7 @@ def code_roots() -> tuple[Path, ...]:
 def runner_spec(settings: RunnerSettings, model: ModelRef) -> SandboxSpec:
     """The sandbox spec of one job's runner."""
     argv = [
-        sys.executable, "-m", "jobs.runner",
+        sys.executable, "-m", settings.runner_module,
         "--model", str(model.path),
         "--tee", settings.tee,
         "--n-ctx", str(settings.n_ctx),
@@ -54,6 +60,10 @@ def runner_spec(settings: RunnerSettings, model: ModelRef) -> SandboxSpec:
         "--retrieve-k", str(settings.retrieve_k),
     ]
     binds = [*python_runtime_binds(), *code_roots(), model.path.resolve()]
+    if settings.embedding_model:
+        embedding = Path(settings.embedding_model).resolve()
+        argv += ["--embedding-model", str(embedding)]
+        binds.append(embedding)
     env = {
         "PYTHONPATH": os.pathsep.join(str(root) for root in code_roots()),
         "PYTHONDONTWRITEBYTECODE": "1",
