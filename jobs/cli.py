@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,15 @@ from dvm.nip19 import decode
 from dvm.nostr_errors import Nip19Error
 from dvm.paths import state_dir
 from dvm.worker import Timeouts, Worker, WorkerConfig
-from jobs.model import resolve_model
+from jobs.cmodel import SealedModel, is_encrypted
+from jobs.model import DEFAULT_SPEC, ModelRef, resolve_model
 from jobs.sandbox import get_backend
 from jobs.settings import RunnerSettings, runner_spec
 from jobs.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 
-TEE_CHOICES = ("auto", "sim", "tsm", "sev-guest", "qgs")
+TEE_CHOICES = ("auto", "sim", "tsm", "sev-guest", "qgs", "aa")
 
 DEMO_DOCUMENTS = {
     "orchard-handbook.txt": (
@@ -92,31 +93,43 @@ def _relay_options(parser: argparse.ArgumentParser) -> None:
 # ---- worker -------------------------------------------------------------------------------------
 
 
-def load_worker_file(path: Path | None) -> tuple[WorkerConfig, RunnerSettings, str | None, str]:
-    """Read a worker TOML: ``[worker]`` (WorkerConfig), ``[sandbox]`` (RunnerSettings, backend, model), ``[timeouts]``."""
-    config, settings, model, backend = WorkerConfig(), RunnerSettings(), None, "process"
+@dataclass(frozen=True)
+class WorkerFile:
+    """A worker TOML: ``[worker]`` (WorkerConfig), ``[sandbox]`` (RunnerSettings plus ``model`` and
+    ``backend``), ``[timeouts]`` (Timeouts) and ``[backend]`` (keyword options of the sandbox
+    backend, e.g. ``config = "/etc/cdvm/coco.toml"`` for ``coco``)."""
+
+    config: WorkerConfig = field(default_factory=WorkerConfig)
+    settings: RunnerSettings = field(default_factory=RunnerSettings)
+    model: str | None = None
+    backend: str = "process"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_worker_file(path: Path | None) -> WorkerFile:
+    """Read a worker TOML (see :class:`WorkerFile`); unknown tables and keys are errors."""
     if path is None:
-        return config, settings, model, backend
+        return WorkerFile()
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read worker config {path}: {error}") from None
-    unknown = set(document) - {"worker", "sandbox", "timeouts"}
+    unknown = set(document) - {"worker", "sandbox", "timeouts", "backend"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     worker = dict(document.get("worker", {}))
     sandbox = dict(document.get("sandbox", {}))
     model = sandbox.pop("model", None)
-    backend = sandbox.pop("backend", backend)
+    backend = sandbox.pop("backend", "process")
     if "kinds" in worker:
         worker["kinds"] = tuple(worker["kinds"])
     try:
-        config = replace(config, **_known(worker, WorkerConfig, path, "worker"),
+        config = replace(WorkerConfig(), **_known(worker, WorkerConfig, path, "worker"),
                          timeouts=Timeouts(**_known(dict(document.get("timeouts", {})), Timeouts, path, "timeouts")))
-        settings = replace(settings, **_known(sandbox, RunnerSettings, path, "sandbox"))
+        settings = replace(RunnerSettings(), **_known(sandbox, RunnerSettings, path, "sandbox"))
     except TypeError as error:
         raise ConfigError(f"{path}: {error}") from None
-    return config, settings, model, backend
+    return WorkerFile(config, settings, model, backend, dict(document.get("backend", {})))
 
 
 def _known(table: dict[str, Any], cls: type, path: Path, name: str) -> dict[str, Any]:
@@ -130,14 +143,16 @@ def _known(table: dict[str, Any], cls: type, path: Path, name: str) -> dict[str,
 def _worker(args: argparse.Namespace) -> int:
     if args.state_dir:
         os.environ["CDVM_STATE_DIR"] = str(args.state_dir)
-    config, settings, model_spec, backend = load_worker_file(args.config)
+    loaded = load_worker_file(args.config)
+    config, settings = loaded.config, loaded.settings
     if args.tee:
         config, settings = replace(config, tee=args.tee), replace(settings, tee=args.tee)
     if args.kinds:
         config = replace(config, kinds=tuple(args.kinds))
     identity = load_identity(args.key_file)
     relays = load_relays_config(args.relays_config, args.relay)
-    return run_async(serve(identity, relays, config, settings, args.model or model_spec, backend))
+    return run_async(serve(identity, relays, config, settings, args.model or loaded.model, loaded.backend,
+                           backend_options=loaded.backend_options))
 
 
 async def serve(
@@ -149,19 +164,38 @@ async def serve(
     backend: str = "process",
     stop: asyncio.Event | None = None,
     on_ready: Any = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> int:
-    """Run a worker until SIGINT/SIGTERM (or ``stop``)."""
-    model = resolve_model(model_spec)
+    """Run a worker until SIGINT/SIGTERM (or ``stop``).
+
+    An encrypted model (jobs.cmodel) is announced with the plaintext name and SHA-256 from its
+    header (what every sandbox attests after decrypting), plus the encrypted file's digest and
+    the key owner; the sandboxes get the key from the owner's keyd, the worker never does.
+    """
+    model: ModelRef | SealedModel
+    if model_spec not in (None, DEFAULT_SPEC) and is_encrypted(Path(model_spec).expanduser()):
+        model = SealedModel.open(Path(model_spec).expanduser())
+        if not settings.model_key_owner:
+            raise ConfigError("an encrypted model needs [sandbox] model_key_owner (the npub of the owner's cdvm keyd)")
+        owner = PublicKey.from_npub_or_hex(settings.model_key_owner).hex()
+        model_info = {"name": model.header.name, "sha256": model.header.sha256, "encrypted_sha256": model.file_sha256,
+                      "key_owner": owner}
+    else:
+        model = resolve_model(model_spec)
+        model_info = {"name": model.name, "sha256": model.sha256}
     if settings.tee == "sim":
         sim.sim_root_certificate()
-    warm = WarmPool(get_backend(backend), runner_spec(settings, model), config.warm_pool, config.timeouts.sandbox_start)
+    if not config.policy_summary:
+        config = replace(config, policy_summary=default_policy_summary(settings.tee))
+    spec = runner_spec(settings, model, identity.public_key.hex())
+    warm = WarmPool(get_backend(backend, **(backend_options or {})), spec, config.warm_pool, config.timeouts.sandbox_start)
     worker = Worker(
         identity,
         relays,
         config,
         warm,
         state_dir() / "journal.sqlite3",
-        model_info={"name": model.name, "sha256": model.sha256},
+        model_info=model_info,
         on_ready=on_ready or (lambda line: print(line, file=sys.stderr, flush=True)),
     )
     if stop is None:
@@ -171,6 +205,22 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     await worker.run(stop)
     return 0
+
+
+def default_policy_summary(tee: str) -> dict[str, Any]:
+    """What the announcement tells clients to apply when the operator gave no ``[worker.policy_summary]``:
+    cdvm's default attestation policy (docs/attestation.md), simulated evidence only for a sim worker."""
+    default = Policy.default()
+    return {
+        "allow_simulated": tee == "sim",
+        "tdx": {
+            "allow_debug": default.tdx.allow_debug,
+            "require_sept_ve_disable": default.tdx.require_sept_ve_disable,
+            "accepted_tcb_statuses": list(default.tdx.accepted_tcb_statuses),
+            "accepted_qe_statuses": list(default.tdx.accepted_qe_statuses),
+        },
+        "snp": {"allow_debug": default.snp.allow_debug},
+    }
 
 
 # ---- ask ----------------------------------------------------------------------------------------

@@ -15,12 +15,23 @@ through channel frames on stdin/stdout (jobs.channel), with these ops (docs/prot
 The one-time key, the documents, the prompt and the answer never leave this process in
 clear: what crosses the pipe is signed events whose private parts are encrypted to the
 customer, and non-secret progress.
+
+An **encrypted model** (jobs.cmodel, with ``--model-key-owner``) is only hashed before the job
+(``ready`` reports the plaintext name and digest its header claims). Once the job and its
+one-time key exist, the runner DMs the owner's key daemon a key request whose evidence binds
+the one-time key, the job, a fresh key-request nonce and the encrypted file's SHA-256
+(dvm.keyd), waits ``--model-key-timeout`` seconds for the answer (DMs from the owner's key
+only), decrypts the model into an anonymous memfd (never a file the host can see), loads it
+from ``/proc/self/fd/N``, and attests to the customer the plaintext SHA-256 computed while
+decrypting. A refusal fails the job with the owner's reason. The memfd is zeroed before exit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import secrets
+import select
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +41,11 @@ from typing import Any
 from attest import sim
 from attest.binding import build_report_data
 from attest.collateral import collateral_to_json
-from attest.providers import get_evidence
+from attest.evidence import Evidence
+from attest.providers import evidence_report_data, get_evidence
 from dvm import nip04, nip44
 from dvm.errors import CdvmError
+from dvm.keyd import KeyRequest, parse_key_answer
 from dvm.keys import PrivateKey, PublicKey
 from dvm.nip01 import Event
 from dvm.nip17 import build_dm, open_dm
@@ -40,6 +53,7 @@ from dvm.nip59 import GIFT_WRAP_KIND
 from dvm.nip90 import JobRequest, build_result, parse_job_request
 from dvm.nostr_errors import NostrError
 from jobs.channel import BlockingChannel
+from jobs.cmodel import MemoryModel, SealedModel, decrypt_to_memfd, is_encrypted
 from jobs.errors import JobError, ParamError
 from jobs.llm import LoadedModel, load
 from jobs.messages import (
@@ -57,6 +71,8 @@ from jobs.params import GenerationParams, parse_params
 from jobs.rag import ANSWER_STOP, Bm25Index, EmbeddingIndex, answer_text, build_prompt, chunk_documents, prompt_budget
 
 CDVM_TAG = "cdvm"
+HOST_TEE = "host"
+"""``--tee host``: the worker obtains the evidence (process sandboxes inside a confidential VM)."""
 
 
 class Cancelled(JobError):
@@ -75,6 +91,9 @@ class RunnerConfig:
     max_tokens_cap: int
     retrieve_k: int
     embedding_model: str | None
+    model_key_owner: str | None = None
+    model_key_timeout: float = 30.0
+    dvm_pubkey: str | None = None
 
 
 def cdvm_nonce(request: JobRequest) -> str | None:
@@ -93,15 +112,20 @@ def cdvm_nonce(request: JobRequest) -> str | None:
 class Runner:
     """Serves exactly one job from a loaded model, then exits."""
 
-    def __init__(self, channel: BlockingChannel, config: RunnerConfig, model: ModelRef, llm: LoadedModel,
-                 embedder: LoadedModel | None = None) -> None:
+    def __init__(self, channel: BlockingChannel, config: RunnerConfig, model: ModelRef, llm: LoadedModel | None,
+                 embedder: LoadedModel | None = None, *, sealed: SealedModel | None = None,
+                 input_fd: int | None = None) -> None:
         self.channel = channel
         self.config = config
         self.model = model
         self.llm = llm
         self.embedder = embedder
+        self.sealed = sealed
+        self.input_fd = input_fd
+        self.memory_model: MemoryModel | None = None
         self.key = PrivateKey.generate()
         self.timings: dict[str, float] = {}
+        self._subscribed = False
 
     def _params(self, source: Any) -> GenerationParams:
         """Validated params; a ``model`` param must name the model this sandbox loaded."""
@@ -120,7 +144,18 @@ class Runner:
         for wrap in build_dm(self.key, customer, content, include_sender_copy=False):
             self._publish(wrap, "dm", customer.hex())
 
-    def _receive(self) -> dict[str, Any]:
+    def _subscribe(self) -> None:
+        """Ask the worker for the gift wraps to the one-time key (once: one subscription serves all)."""
+        if not self._subscribed:
+            self.channel.send({"op": "subscribe", "filter": {"kinds": [GIFT_WRAP_KIND], "#p": [self.key.public_key.hex()]}})
+            self._subscribed = True
+
+    def _receive(self, deadline: float | None = None) -> dict[str, Any] | None:
+        """The next frame from the worker; None once ``deadline`` (monotonic) passed first."""
+        if deadline is not None and self.input_fd is not None:
+            ready, _, _ = select.select([self.input_fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
         message = self.channel.recv()
         if message is None:
             raise Cancelled("the worker closed the channel")
@@ -128,9 +163,33 @@ class Runner:
             raise Cancelled(str(message.get("reason") or "cancelled by the worker"))
         return message
 
+    def _evidence(self, report_data: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Evidence for ``report_data`` (as a JSON envelope) and the collateral to ship with it.
+
+        With ``--tee host`` the worker's process, in the same confidential VM, asks attest/ on the
+        sandbox's behalf (the sandbox sees no TEE device); the REPORTDATA is checked here either way.
+        Simulated evidence ships its collateral: the simulated PKI is private to this sandbox.
+        """
+        if self.config.tee == HOST_TEE:
+            self.channel.send({"op": "evidence", "report_data": report_data.hex()})
+            message = self._receive()
+            while message is not None and message.get("op") != "evidence":
+                message = self._receive()
+            if message.get("error") or not isinstance(message.get("evidence"), dict):
+                raise JobError(f"attestation unavailable: {message.get('error') or 'the worker sent no evidence'}")
+            evidence = Evidence.from_json(json.dumps(message["evidence"]))
+            if evidence_report_data(evidence.tee, evidence.raw) != report_data:
+                raise JobError("attestation unavailable: the worker's evidence binds other REPORTDATA")
+        else:
+            evidence = get_evidence(report_data, self.config.tee, allow_sim=self.config.allow_sim)
+        collateral = json.loads(collateral_to_json(sim.sim_collateral())) if evidence.tee == "sim" else None
+        return json.loads(evidence.to_json()), collateral
+
     def serve(self, job: dict[str, Any]) -> dict[str, Any]:
         request = parse_job_request(Event.from_dict(job["request"]))
         customer = PublicKey.from_hex(request.customer)
+        if self.sealed is not None:
+            self._unlock_model(request)
         nonce = cdvm_nonce(request)
         if nonce is None:
             return self._serve_plain(request, job.get("opened_tags"), customer)
@@ -158,18 +217,65 @@ class Runner:
         self._publish(build_result(self.key, request, content, encrypted=request.encryption is not None), "result")
         return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens}
 
+    def _unlock_model(self, request: JobRequest) -> None:
+        """Get the model key from its owner's key daemon, decrypt into a memfd, load it (module docstring)."""
+        assert self.sealed is not None and self.config.model_key_owner is not None
+        if not self.config.dvm_pubkey:
+            raise JobError("an encrypted model needs the DVM's pubkey (--dvm-pubkey) for the key request")
+        started = time.perf_counter()
+        self._phase("attesting")
+        owner = PublicKey.from_npub_or_hex(self.config.model_key_owner)
+        nonce = secrets.token_hex(32)
+        report_data = build_report_data(self.key.public_key.raw, request.id, nonce, self.sealed.file_sha256)
+        evidence, collateral = self._evidence(report_data)
+        header = self.sealed.header
+        ask = KeyRequest(job=request.id, nonce=nonce, pubkey=self.key.public_key.hex(),
+                         dvm=self.config.dvm_pubkey, request=request.event.to_dict(),
+                         file_sha256=self.sealed.file_sha256, key_id=header.key_id, model_name=header.name,
+                         evidence=evidence, collateral=collateral)
+        self._subscribe()
+        self._dm(owner, ask.to_content())
+        deadline = time.monotonic() + self.config.model_key_timeout
+        while True:
+            message = self._receive(deadline)
+            if message is None:
+                raise JobError(f"the model owner's key daemon did not answer within {self.config.model_key_timeout:.0f} s")
+            if message.get("op") != "event":
+                continue
+            try:
+                dm = open_dm(self.key, Event.from_dict(message.get("event")))
+            except NostrError:
+                continue
+            if dm.sender != owner:
+                continue
+            key = parse_key_answer(dm.content, request.id, nonce, header.key_id)
+            if key is not None:
+                break
+        self.timings["model_key_ms"] = (time.perf_counter() - started) * 1000
+        decrypting = time.perf_counter()
+        self.memory_model = decrypt_to_memfd(self.sealed, key)
+        self.model = self.memory_model.ref
+        self.llm = load(self.model, n_ctx=self.config.n_ctx, n_threads=self.config.threads)
+        self.timings["model_decrypt_ms"] = (time.perf_counter() - decrypting) * 1000
+
+    def wipe(self) -> None:
+        """Free llama.cpp's mapping and zero the decrypted model."""
+        if self.memory_model is not None:
+            if self.llm is not None:
+                self.llm.close()
+            self.memory_model.wipe()
+
     def _serve_confidential(self, request: JobRequest, nonce: str, customer: PublicKey) -> dict[str, Any]:
         started = time.perf_counter()
         self._phase("attesting")
         report_data = build_report_data(self.key.public_key.raw, request.id, nonce, self.model.sha256)
-        evidence = get_evidence(report_data, self.config.tee, allow_sim=self.config.allow_sim)
+        evidence, collateral = self._evidence(report_data)
         limits = Limits()
-        collateral = json.loads(collateral_to_json(sim.sim_collateral())) if evidence.tee == "sim" else None
         attestation = Attestation(
             job=request.id,
             nonce=nonce,
             pubkey=self.key.public_key.hex(),
-            evidence=json.loads(evidence.to_json()),
+            evidence=evidence,
             model_name=self.model.name,
             model_sha256=self.model.sha256,
             gpu_evidence_sha256=None,
@@ -177,7 +283,7 @@ class Runner:
             collateral=collateral,
         )
         self.timings["evidence_ms"] = (time.perf_counter() - started) * 1000
-        self.channel.send({"op": "subscribe", "filter": {"kinds": [GIFT_WRAP_KIND], "#p": [self.key.public_key.hex()]}})
+        self._subscribe()
         self._dm(customer, attestation.to_content())
         self._phase("waiting_documents")
         waited = time.perf_counter()
@@ -245,20 +351,31 @@ def parse_args(argv: list[str] | None) -> RunnerConfig:
     parser.add_argument("--max-tokens-cap", type=int, default=1024)
     parser.add_argument("--retrieve-k", type=int, default=4)
     parser.add_argument("--embedding-model", default=None)
+    parser.add_argument("--model-key-owner", default=None)
+    parser.add_argument("--model-key-timeout", type=float, default=30.0)
+    parser.add_argument("--dvm-pubkey", default=None)
     args = parser.parse_args(argv)
     return RunnerConfig(args.model, args.tee, args.allow_sim, args.n_ctx, args.threads, args.max_tokens_cap,
-                        args.retrieve_k, args.embedding_model)
+                        args.retrieve_k, args.embedding_model, args.model_key_owner, args.model_key_timeout,
+                        args.dvm_pubkey)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point inside the sandbox. Frames use the original stdout; anything printed goes to stderr."""
     frames_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
-    channel = BlockingChannel(sys.stdin.buffer, frames_out)
+    frames_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    channel = BlockingChannel(frames_in, frames_out)
     config = parse_args(argv)
+    runner: Runner | None = None
     try:
-        model = resolve_model(config.model, use_digest_cache=False)
-        llm = load(model, n_ctx=config.n_ctx, n_threads=config.threads)
+        sealed = llm = None
+        if config.model_key_owner and config.model and is_encrypted(config.model):
+            sealed = SealedModel.open(config.model)
+            model = ModelRef(Path(config.model), sealed.header.sha256, sealed.header.name, sealed.header.size, (0, 0, 0, 0, 0))
+        else:
+            model = resolve_model(config.model, use_digest_cache=False)
+            llm = load(model, n_ctx=config.n_ctx, n_threads=config.threads)
         embedder = None
         if config.embedding_model:
             embedder = load(resolve_model(config.embedding_model, use_digest_cache=False), n_ctx=512,
@@ -271,11 +388,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if job.get("op") != "job":
             raise ProtocolError(f"expected a job, got {job.get('op')!r}")
-        runner = Runner(channel, config, model, llm, embedder)
+        runner = Runner(channel, config, model, llm, embedder, sealed=sealed, input_fd=frames_in.fileno())
         usage = runner.serve(job)
+        runner.wipe()
         channel.send({"op": "done", "usage": usage, "timings_ms": runner.timings})
         return 0
     except CdvmError as error:
+        if runner is not None:
+            runner.wipe()
         channel.send({"op": "failed", "reason": str(error)})
         return 1
 
