@@ -12,6 +12,11 @@ the evidence it returns really carries the requested REPORTDATA.
                 qgs_msg_lib.h) behind a 4-byte big-endian length.
 * ``tdx-guest`` ``/dev/tdx_guest`` TDX_CMD_GET_REPORT0: a TDREPORT, MAC'd with a key only this
                 CPU knows — useful locally, NOT remotely verifiable; never chosen by ``auto``.
+* ``aa``        the Confidential Containers attestation agent inside a CoCo pod's VM, through
+                its REST API (``GET http://127.0.0.1:8006/aa/evidence?runtime_data=...``).
+                The API takes ``runtime_data`` as text of at most 64 bytes, so the 64 binary
+                REPORTDATA bytes travel as :func:`aa_runtime_data` (base64url of their
+                SHA-384): the quote's REPORTDATA is then attest.binding.attestation_agent_report_data(REPORTDATA).
 * ``sim``       the simulated TEE (attest.sim): testing only, proves nothing.
 
 Device access (open, ioctl, mkdir/rmdir in configfs, the vsock connection) is injectable so
@@ -19,19 +24,27 @@ tests replay recorded real evidence through the real request/response code.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ctypes
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import secrets
 import socket
 import struct
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from attest import sim
+from attest.binding import attestation_agent_report_data
 from attest.errors import ParseError, ProviderError
 from attest.evidence import SNP_REPORT_LEN, TDREPORT_LEN, Evidence, detect_tee
 from attest.snp_certs import encode_cert_table, parse_cert_table
@@ -45,7 +58,8 @@ SEV_GUEST_DEVICE = Path("/dev/sev-guest")
 TDX_GUEST_DEVICE = Path("/dev/tdx_guest")
 QGS_VSOCK_CID = 2
 QGS_VSOCK_PORT = 4050
-PROVIDER_NAMES = ("auto", "tsm", "qgs", "sev-guest", "tdx-guest", "sim")
+AA_URL = "http://127.0.0.1:8006"
+PROVIDER_NAMES = ("auto", "tsm", "qgs", "sev-guest", "tdx-guest", "aa", "sim")
 
 IoctlFn = Callable[[int, int, object], int]
 
@@ -438,6 +452,105 @@ class QgsProvider:
         return _checked(Evidence("tdx", quote, None, self.name), bytes(report_data))
 
 
+# --- Confidential Containers attestation agent (REST) ------------------------------------------
+
+
+def aa_runtime_data(report_data: bytes) -> str:
+    """The ``runtime_data`` text the attestation agent is given for 64 REPORTDATA bytes
+    (attest.binding.attestation_agent_report_data explains the encoding)."""
+    return attestation_agent_report_data(_require_report_data(report_data)).decode("ascii")
+
+
+_MAX_AA_RESPONSE = 4 << 20
+
+
+def _http_get(url: str, timeout: float) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read(_MAX_AA_RESPONSE + 1)
+    except urllib.error.HTTPError as error:
+        detail = error.read(512).decode("utf-8", errors="replace").strip()
+        raise ProviderError(f"aa: the attestation agent answered HTTP {error.code}: {detail or error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ProviderError(f"aa: cannot reach the attestation agent at {url.split('?')[0]}: {reason}") from None
+
+
+def _aa_entries(body: bytes) -> list[tuple[str, object]]:
+    """The (tee, evidence object) pairs of an agent response: a JSON list of ``[tee, evidence
+    JSON text]`` (several attesters), or one attester's evidence object (older agents)."""
+    if len(body) > _MAX_AA_RESPONSE:
+        raise ProviderError("aa: the attestation agent's response is larger than 4 MiB")
+    try:
+        document = json.loads(body)
+        if isinstance(document, dict):
+            return [("", document)]
+        if not isinstance(document, list):
+            raise ValueError("neither an object nor a list")
+        entries = []
+        for entry in document:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise ValueError("a list entry is not [tee, evidence]")
+            evidence = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
+            entries.append((entry[0].lower(), evidence))
+        return entries
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ProviderError(f"aa: the attestation agent returned unreadable evidence: {error}") from None
+
+
+def parse_aa_evidence(body: bytes) -> Evidence:
+    """Evidence from an agent response. TDX evidence is ``{"quote": base64, "cc_eventlog": ...}``;
+    SEV-SNP evidence holds the report as a serde structure of the Rust ``sev`` crate, not its
+    signed bytes, and the ``sample`` attester (``kata-qemu-coco-dev``) proves nothing: both
+    are refused with the reason."""
+    reasons = []
+    for tee, evidence in _aa_entries(body):
+        if not isinstance(evidence, dict):
+            reasons.append(f"{tee or 'evidence'}: not a JSON object")
+        elif isinstance(evidence.get("quote"), str):
+            try:
+                raw = base64.b64decode(evidence["quote"], validate=True)
+            except (binascii.Error, ValueError):
+                reasons.append(f"{tee or 'tdx'}: the quote is not base64")
+                continue
+            if detect_tee_safe(raw) != "tdx":
+                reasons.append(f"{tee or 'tdx'}: the quote is not a TDX quote")
+                continue
+            return Evidence("tdx", raw, None, "aa")
+        elif "attestation_report" in evidence:
+            reasons.append("snp: the agent returns the SEV-SNP report as a sev-crate structure, not its signed bytes; "
+                           "expose configfs-tsm or /dev/sev-guest to the runner (provider tsm or sev-guest)")
+        elif "report_data" in evidence and "svn" in evidence:
+            reasons.append("sample: the agent runs without a TEE (kata-qemu-coco-dev); its evidence proves nothing")
+        else:
+            reasons.append(f"{tee or 'evidence'}: unknown evidence layout with fields {', '.join(sorted(evidence))}")
+    raise ProviderError("aa: no usable evidence from the attestation agent: " + "; ".join(reasons or ["empty list"]))
+
+
+@dataclass
+class AaProvider:
+    """The CoCo attestation agent's REST API inside a confidential pod (see the module docstring)."""
+
+    url: str = AA_URL
+    timeout: float = 60.0
+    fetch: Callable[[str, float], bytes] = _http_get
+    name: str = "aa"
+
+    def unavailable(self) -> str | None:
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=0.5):
+                return None
+        except OSError as error:
+            return f"no attestation agent listens at {self.url} ({error.strerror or error}; not a CoCo pod)"
+
+    def get_evidence(self, report_data: bytes) -> Evidence:
+        query = urllib.parse.urlencode({"runtime_data": aa_runtime_data(report_data)})
+        body = self.fetch(f"{self.url.rstrip('/')}/aa/evidence?{query}", self.timeout)
+        return _checked(parse_aa_evidence(body), attestation_agent_report_data(report_data))
+
+
 # --- simulated TEE --------------------------------------------------------------------------
 
 
@@ -462,7 +575,7 @@ def make_provider(name: str) -> EvidenceProvider:
     """The provider called ``name`` (one of PROVIDER_NAMES other than "auto")."""
     factories: dict[str, Callable[[], EvidenceProvider]] = {
         "tsm": TsmProvider, "sev-guest": SevGuestProvider, "tdx-guest": TdxGuestProvider,
-        "qgs": QgsProvider, "sim": SimProvider,
+        "qgs": QgsProvider, "sim": SimProvider, "aa": AaProvider,
     }
     if name not in factories:
         raise ProviderError(f"unknown evidence provider {name!r} (known: {', '.join(PROVIDER_NAMES)})")
@@ -475,13 +588,13 @@ def get_evidence_auto(
     allow_sim: bool = False,
     candidates: list[EvidenceProvider] | None = None,
 ) -> Evidence:
-    """Try tsm, sev-guest, qgs (never tdx-guest), then sim only when ``allow_sim``.
+    """Try tsm, sev-guest, qgs (never tdx-guest), aa when its agent listens, then sim only when ``allow_sim``.
 
     Each skipped or failed provider is logged at info with the reason; when none works,
     ProviderError lists every reason.
     """
     if candidates is None:
-        candidates = [TsmProvider(), SevGuestProvider(), QgsProvider()]
+        candidates = [TsmProvider(), SevGuestProvider(), QgsProvider(), AaProvider()]
         if allow_sim:
             candidates.append(SimProvider())
     reasons = []

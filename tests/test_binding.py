@@ -97,3 +97,15 @@ def test_report_data_must_be_64_bytes(bad: object) -> None:
 def test_digest_is_generic_for_other_requests() -> None:
     key_request_nonce = bytes([7]) * 32
     assert binding_digest(JOB, key_request_nonce, MODEL) == build_report_data(PUB, JOB, key_request_nonce, MODEL)[32:]
+
+
+def test_attestation_agent_encoding_of_the_binding_is_accepted() -> None:
+    from attest.binding import attestation_agent_report_data
+
+    key, job, nonce, model = (bytes([i]) * 32 for i in (1, 2, 3, 4))
+    expected = build_report_data(key, job, nonce, model)
+    encoded = attestation_agent_report_data(expected)
+    assert len(encoded) == 64 and encoded.isascii()
+    check_report_data(encoded, key, job, nonce, model)
+    with pytest.raises(BindingError):
+        check_report_data(attestation_agent_report_data(build_report_data(key, job, bytes(32), model)), key, job, nonce, model)
