@@ -2,10 +2,12 @@
 
 A job's row is created when the worker accepts the request; the primary key (the request's
 event id) makes a second admission impossible, even by another worker process sharing the
-file (SQLite serialises writers with its file lock). Every phase change is recorded, so a
-worker that restarts finds the jobs it was running when it died, tells those customers to
-resubmit, and never runs them again. The journal holds ids, states and reasons — never a
-prompt, a document, an answer or a key.
+file (SQLite serialises writers with its file lock; ``INSERT OR IGNORE`` is one atomic
+statement). Every phase change is recorded, so a worker that restarts finds the jobs it was
+running when it died, takes them over (:meth:`Journal.claim_interrupted`, atomic per job, so
+two restarting workers never both take one), tells those customers to resubmit, and never
+runs them again. The journal holds ids, states and reasons — never a prompt, a document, an
+answer or a key. Every SQLite failure surfaces as :class:`JournalError`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dvm.errors import CdvmError
 
@@ -33,6 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
+_ACTIVE_MARKS = ",".join("?" * len(ACTIVE_STATES))
 
 
 class JournalError(CdvmError):
@@ -84,17 +88,23 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            os.chmod(path, 0o600)
+        except (sqlite3.Error, OSError) as exc:
             raise JournalError(f"cannot open the job journal {path}: {exc}") from exc
-        os.chmod(path, 0o600)
 
     def close(self) -> None:
         self._db.close()
 
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise JournalError(f"the job journal {self.path} failed: {exc}") from exc
+
     def admit(self, job_id: str, customer: str, kind: int, state: str = "queued") -> bool:
         """Record a new job; False when any worker has already seen this request."""
         now = time.time()
-        cursor = self._db.execute(
+        cursor = self._execute(
             "INSERT OR IGNORE INTO jobs (id, customer, kind, state, owner, received_at, updated_at) VALUES (?,?,?,?,?,?,?)",
             (job_id, customer, kind, state, self.owner, now, now),
         )
@@ -104,30 +114,50 @@ class Journal:
         """Move a job to ``state`` (an active or final state)."""
         if state not in ACTIVE_STATES + FINAL_STATES:
             raise JournalError(f"unknown job state {state!r}")
-        self._db.execute(
-            "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, time.time(), job_id)
-        )
+        self._execute("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, time.time(), job_id))
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self._execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
 
     def active(self) -> list[JobRecord]:
-        marks = ",".join("?" * len(ACTIVE_STATES))
-        rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY received_at", ACTIVE_STATES)
+        rows = self._execute(f"SELECT * FROM jobs WHERE state IN ({_ACTIVE_MARKS}) ORDER BY received_at", ACTIVE_STATES)
         return [JobRecord(*row) for row in rows]
 
+    def claim_interrupted(self) -> list[JobRecord]:
+        """Take over every active job whose owning worker is gone (or is this one, restarted).
+
+        Each job is claimed with one conditional UPDATE, so of several workers recovering at
+        once exactly one gets it. The job stays active (now owned by this process) until the
+        caller has told the customer and calls :meth:`advance`: if this process dies first,
+        the next start claims it again.
+        """
+        claimed = []
+        for record in self.active():
+            if record.owner != self.owner and owner_alive(record.owner):
+                continue
+            cursor = self._execute(
+                f"UPDATE jobs SET owner=?, updated_at=? WHERE id=? AND owner=? AND state IN ({_ACTIVE_MARKS})",
+                (self.owner, time.time(), record.id, record.owner, *ACTIVE_STATES),
+            )
+            if cursor.rowcount == 1:
+                claimed.append(record)
+        return claimed
+
     def recover_interrupted(self, reason: str) -> list[JobRecord]:
-        """Fail every active job whose owning worker is gone; return them so customers can be told."""
-        interrupted = [record for record in self.active() if not owner_alive(record.owner) or record.owner == self.owner]
+        """Claim every interrupted job and fail it with ``reason``; return them so customers can be told."""
+        interrupted = self.claim_interrupted()
         for record in interrupted:
             self.advance(record.id, "failed", reason)
         return interrupted
 
     def count_active(self, customer: str | None = None) -> int:
-        marks = ",".join("?" * len(ACTIVE_STATES))
         if customer is None:
-            sql, args = f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", ACTIVE_STATES
+            sql, args = f"SELECT COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_MARKS})", ACTIVE_STATES
         else:
-            sql, args = f"SELECT COUNT(*) FROM jobs WHERE customer=? AND state IN ({marks})", (customer, *ACTIVE_STATES)
-        return int(self._db.execute(sql, args).fetchone()[0])
+            sql, args = f"SELECT COUNT(*) FROM jobs WHERE customer=? AND state IN ({_ACTIVE_MARKS})", (customer, *ACTIVE_STATES)
+        return int(self._execute(sql, args).fetchone()[0])
+
+    def count_states(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        return {state: int(count) for state, count in self._execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}

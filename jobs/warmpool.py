@@ -4,7 +4,9 @@ A sandbox is "warm" once its runner has loaded and hashed the model and sent ``r
 :meth:`WarmPool.acquire` hands out a warm sandbox (and starts a replacement in the
 background) so a job never waits for process start or model load; with ``size=0`` every
 job starts its sandbox cold. Nothing is ever returned to the pool: a sandbox that served a
-job is destroyed by its user.
+job is destroyed by its user. A warm sandbox that ends while it waits (a limit, its wall
+timeout) is dropped and replaced, never handed out; a sandbox whose start is interrupted
+(the job cancelled, the worker shutting down) is destroyed as soon as it is up, never leaked.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from jobs.sandbox_errors import SandboxError, SandboxStartError
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 30.0
+"""How long :meth:`WarmPool.close` waits for interrupted starts to come up and be destroyed."""
+
 
 @dataclass(frozen=True)
 class ReadyInfo:
@@ -29,6 +34,15 @@ class ReadyInfo:
     start_ms: float
 
 
+class _Warm:
+    """One ready sandbox waiting for its job, watched so that its end is noticed."""
+
+    def __init__(self, sandbox: Sandbox, info: ReadyInfo) -> None:
+        self.sandbox = sandbox
+        self.info = info
+        self.ended = asyncio.create_task(sandbox.wait())
+
+
 class WarmPool:
     """Keeps ``size`` sandboxes started and ready; see the module docstring."""
 
@@ -37,8 +51,9 @@ class WarmPool:
         self.spec = spec
         self.size = max(0, size)
         self.ready_timeout = ready_timeout
-        self._ready: asyncio.Queue[tuple[Sandbox, ReadyInfo] | SandboxError] = asyncio.Queue()
+        self._ready: asyncio.Queue[_Warm | SandboxError] = asyncio.Queue()
         self._filling: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[None]] = set()
         self._closed = False
         self.last_ready: ReadyInfo | None = None
 
@@ -59,20 +74,33 @@ class WarmPool:
 
     async def _fill_one(self) -> None:
         try:
-            self._ready.put_nowait(await self._start_ready())
+            sandbox, info = await self._start_ready()
         except SandboxError as error:
             log.error("could not pre-start a sandbox: %s", error)
             self._ready.put_nowait(error)
+            return
+        if self._closed:
+            await sandbox.destroy()
+            return
+        self._ready.put_nowait(_Warm(sandbox, info))
 
     async def _start_ready(self) -> tuple[Sandbox, ReadyInfo]:
         started = time.perf_counter()
-        sandbox = await self.backend.start(self.spec, f"sb-{secrets.token_hex(8)}")
+        starting = asyncio.ensure_future(self.backend.start(self.spec, f"sb-{secrets.token_hex(8)}"))
+        try:
+            sandbox = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            self._abandon(starting)
+            raise
         try:
             async with asyncio.timeout(self.ready_timeout):
                 message = await sandbox.recv()
         except (TimeoutError, SandboxError) as error:
             await sandbox.destroy()
             raise SandboxStartError(f"the sandbox runner did not become ready: {error or 'timed out'}") from None
+        except BaseException:
+            await asyncio.shield(sandbox.destroy())
+            raise
         model = message.get("model") if message.get("op") == "ready" else None
         if not isinstance(model, dict):
             await sandbox.destroy()
@@ -81,18 +109,36 @@ class WarmPool:
         self.last_ready = info
         return sandbox, info
 
+    def _abandon(self, starting: asyncio.Future[Sandbox]) -> None:
+        """Destroy a sandbox whose start was interrupted, once it is up: a spawn is never cancelled
+        half-way (asyncio would then wait for a process that bubblewrap holds back)."""
+        async def destroy_when_started() -> None:
+            try:
+                sandbox = await starting
+            except Exception:  # the start failed and the backend removed what it had made
+                return
+            await sandbox.destroy()
+
+        task = asyncio.ensure_future(destroy_when_started())
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
     async def acquire(self) -> Sandbox:
         """A ready sandbox that has never served a job."""
         if not self.size:
             sandbox, _ = await self._start_ready()
             return sandbox
-        item = await self._ready.get()
-        self._refill()
-        if isinstance(item, SandboxError):
-            raise item
-        sandbox, _ = item
-        sandbox.reset_deadline()
-        return sandbox
+        while True:
+            item = await self._ready.get()
+            self._refill()
+            if isinstance(item, SandboxError):
+                raise item
+            if not item.ended.done():
+                item.ended.cancel()
+                item.sandbox.reset_deadline()
+                return item.sandbox
+            ended = await item.sandbox.destroy()
+            log.warning("a warm sandbox ended while it waited (%s); using the next one", ended.reason)
 
     async def close(self) -> None:
         """Destroy every idle sandbox and stop refilling."""
@@ -102,5 +148,11 @@ class WarmPool:
         await asyncio.gather(*self._filling, return_exceptions=True)
         while not self._ready.empty():
             item = self._ready.get_nowait()
-            if not isinstance(item, SandboxError):
-                await item[0].destroy()
+            if isinstance(item, _Warm):
+                item.ended.cancel()
+                await item.sandbox.destroy()
+        if self._abandoned:
+            await asyncio.wait(self._abandoned, timeout=CLOSE_TIMEOUT_S)
+        close_backend = getattr(self.backend, "close", None)
+        if close_backend is not None:
+            await close_backend()
