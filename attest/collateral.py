@@ -135,7 +135,7 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
 def _int(obj: Any, key: str, where: str, limit: int) -> int:
     value = _get(obj, key, int, where)
     if isinstance(value, bool) or not 0 <= value <= limit:
-        raise CollateralError(f"{where}.{key} = {value!r} is not an integer in 0..{limit}")
+        raise CollateralError(f"{where}.{key} = {repr(value)[:40]} is not an integer in 0..{limit}")
     return value
 
 
@@ -153,17 +153,17 @@ def _hex(obj: Any, key: str, where: str, size: int) -> bytes:
 def _time(obj: Any, key: str, where: str) -> datetime:
     text = _get(obj, key, str, where)
     if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", text):
-        raise CollateralError(f"{where}.{key} = {text!r} is not an RFC 3339 time")
+        raise CollateralError(f"{where}.{key} = {text[:40]!r} is not an RFC 3339 time")
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc)
-    except ValueError:
-        raise CollateralError(f"{where}.{key} = {text!r} is not a valid time") from None
+    except (ValueError, OverflowError):
+        raise CollateralError(f"{where}.{key} = {text[:40]!r} is not a valid time") from None
 
 
 def _status(obj: Any, where: str) -> str:
     status = _get(obj, "tcbStatus", str, where)
     if status not in TCB_STATUSES:
-        raise CollateralError(f"{where}.tcbStatus {status!r} is not an Intel TCB status")
+        raise CollateralError(f"{where}.tcbStatus {status[:40]!r} is not an Intel TCB status")
     return status
 
 
@@ -200,12 +200,16 @@ def _load_json(text: str, what: str) -> Any:
         return json.loads(text)
     except (ValueError, TypeError) as exc:
         raise CollateralError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CollateralError(f"{what} is not valid JSON: it nests too deeply") from None
 
 
 def parse_tcb_info(raw: str) -> TcbInfo:
     """Parse the TCB Info JSON object (the signed ``tcbInfo`` value); TDX needs id "TDX", version 3."""
     obj = _load_json(raw, "TCB Info")
     w = "tcbInfo"
+    if not isinstance(obj, dict):
+        raise CollateralError(f"{w} must be a JSON object")
     tdx_module = None
     if "tdxModule" in obj:
         m = _get(obj, "tdxModule", dict, w)
@@ -217,7 +221,7 @@ def parse_tcb_info(raw: str) -> TcbInfo:
             tcb_levels=(),
         )
     identities = []
-    for i, ident in enumerate(obj.get("tdxModuleIdentities", []) if isinstance(obj, dict) else []):
+    for i, ident in enumerate(_get(obj, "tdxModuleIdentities", list, w) if "tdxModuleIdentities" in obj else []):
         wi = f"{w}.tdxModuleIdentities[{i}]"
         identities.append(TdxModuleIdentity(
             id=_get(ident, "id", str, wi),

@@ -71,16 +71,18 @@ class Evidence:
             obj = json.loads(text)
         except (ValueError, UnicodeDecodeError) as error:
             raise ParseError(f"evidence envelope is not valid JSON: {error}") from None
+        except RecursionError:
+            raise ParseError("evidence envelope is not valid JSON: it nests too deeply") from None
         if not isinstance(obj, dict):
             raise ParseError("evidence envelope must be a JSON object")
         version = obj.get("cdvm_evidence")
         if version != ENVELOPE_VERSION:
             raise ParseError(
-                f"evidence envelope version is {version!r}; this cdvm reads version {ENVELOPE_VERSION}"
+                f"evidence envelope version is {repr(version)[:40]}; this cdvm reads version {ENVELOPE_VERSION}"
             )
         unknown = set(obj) - {"cdvm_evidence", "tee", "provider", "raw", "certs"}
         if unknown:
-            raise ParseError(f"evidence envelope has unknown field(s): {', '.join(sorted(unknown))}")
+            raise ParseError(f"evidence envelope has unknown field(s): {', '.join(sorted(unknown))[:200]}")
         raw = _b64_field(obj, "raw")
         if raw is None:
             raise ParseError("evidence envelope lacks the 'raw' field")
@@ -91,7 +93,7 @@ class Evidence:
         detected = detect_tee(raw)
         stated = obj.get("tee", detected)
         if stated != detected:
-            raise ParseError(f"evidence envelope says tee {stated!r} but its bytes are {detected!r} evidence")
+            raise ParseError(f"evidence envelope says tee {repr(stated)[:40]} but its bytes are {detected!r} evidence")
         return cls(tee=detected, raw=raw, certs=certs, provider=provider)
 
 

@@ -45,7 +45,7 @@ def _hex(value: object, key: str, length: int) -> bytes:
     try:
         decoded = bytes.fromhex(value)
     except ValueError:
-        raise PolicyError(f"policy key {key}: {value!r} is not hex") from None
+        raise PolicyError(f"policy key {key}: {value[:100]!r} is not hex") from None
     if len(decoded) != length:
         raise PolicyError(f"policy key {key}: expected {length} bytes ({2 * length} hex digits), got {len(decoded)}")
     return decoded
@@ -67,7 +67,7 @@ def _str_list(value: object, key: str) -> tuple[str, ...]:
 
 def _bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
-        raise PolicyError(f"policy key {key}: expected true or false, got {value!r}")
+        raise PolicyError(f"policy key {key}: expected true or false, got {repr(value)[:100]}")
     return value
 
 
@@ -77,7 +77,7 @@ def _check_keys(table: object, allowed: set[str], prefix: str) -> dict:
     for key in table:
         if key not in allowed:
             name = f"{prefix}.{key}" if prefix else key
-            raise PolicyError(f"unknown policy key {name!r} (known here: {', '.join(sorted(allowed))})")
+            raise PolicyError(f"unknown policy key {name[:100]!r} (known here: {', '.join(sorted(allowed))})")
     return table
 
 
@@ -222,6 +222,8 @@ class Policy:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise PolicyError(f"policy is not valid TOML: {error}") from None
+        except RecursionError:
+            raise PolicyError("policy is not valid TOML: arrays or tables nest too deeply") from None
         _check_keys(document, {"allow_simulated", "tdx", "snp", "binding"}, "")
         return cls(
             allow_simulated=_bool(document.get("allow_simulated", False), "allow_simulated"),

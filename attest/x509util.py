@@ -85,13 +85,20 @@ def load_der_certificate(der: bytes, what: str) -> x509.Certificate:
 
 
 def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
-    """Parse a DER (or PEM) CRL."""
+    """Parse a DER (or PEM) CRL, every field and revoked entry at once."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except ValueError as exc:
+            crl = x509.load_pem_x509_crl(data)
+        else:
+            crl = x509.load_der_x509_crl(data)
+        # cryptography parses lazily: force every field now so later use cannot fail.
+        crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc, crl.extensions
+        crl.signature_hash_algorithm
+        for revoked in crl:
+            revoked.serial_number, revoked.revocation_date_utc, revoked.extensions
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
         raise ParseError(f"{what} is not a valid X.509 CRL: {exc}") from None
+    return crl
 
 
 def fingerprint(cert: x509.Certificate) -> str:

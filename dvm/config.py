@@ -75,11 +75,11 @@ def validate_relay_url(url: Any) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError(f"relay url {url!r} is not a valid URL") from None
+        raise ConfigError(f"relay url {url[:100]!r} is not a valid URL") from None
     if parts.scheme not in ("ws", "wss"):
-        raise ConfigError(f"relay url {url!r} must start with ws:// or wss://")
+        raise ConfigError(f"relay url {url[:100]!r} must start with ws:// or wss://")
     if not parts.hostname:
-        raise ConfigError(f"relay url {url!r} has no host")
+        raise ConfigError(f"relay url {url[:100]!r} has no host")
     return url
 
 
@@ -95,7 +95,7 @@ def _relay_entry(entry: Any, where: str) -> RelayConfig:
         raise ConfigError(f"{where}: each [[relay]] must be a table")
     unknown = set(entry) - _KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_KEYS))}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))[:200]}; allowed: {', '.join(sorted(_KEYS))}")
     if "url" not in entry:
         raise ConfigError(f"{where}: missing url")
     try:
@@ -126,6 +126,8 @@ def parse_relays_toml(text: str, source: Path | None = None) -> RelaysConfig:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{name}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: not valid TOML: arrays or tables nest too deeply") from None
     entries = document.get("relay")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{name}: no [[relay]] entries")

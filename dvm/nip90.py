@@ -136,16 +136,23 @@ def parse_job_request(event: Event) -> JobRequest:
     )
 
 
-def open_encrypted_params(request: JobRequest, plaintext: str) -> JobRequest:
-    """Merge the decrypted content (a JSON array of ``i``/``param`` tags) into ``request``."""
+def parse_encrypted_tags(plaintext: str) -> list[list[str]]:
+    """The decrypted content of an encrypted request: a JSON array of at most
+    :data:`MAX_ENCRYPTED_TAGS` arrays of strings (NIP-90 "Encrypted Params")."""
     try:
         tags = json.loads(plaintext)
-    except ValueError as exc:
-        raise JobRequestError("encrypted params are not JSON") from exc
+    except (ValueError, RecursionError):
+        raise JobRequestError("encrypted params are not JSON") from None
     if not isinstance(tags, list) or len(tags) > MAX_ENCRYPTED_TAGS:
         raise JobRequestError(f"encrypted params must be a JSON array of at most {MAX_ENCRYPTED_TAGS} tags")
     if not all(isinstance(tag, list) and all(isinstance(item, str) for item in tag) for tag in tags):
         raise JobRequestError("encrypted params must be arrays of strings")
+    return tags
+
+
+def open_encrypted_params(request: JobRequest, plaintext: str) -> JobRequest:
+    """Merge the decrypted content (a JSON array of ``i``/``param`` tags) into ``request``."""
+    tags = parse_encrypted_tags(plaintext)
     inputs, params = _inputs_and_params(tuple(tag) for tag in tags)
     return replace(request, inputs=request.inputs + inputs, params=request.params + params)
 

@@ -94,8 +94,8 @@ RelayMessage = EventMessage | Ok | Eose | Closed | Notice | AuthChallenge
 def _values(name: str, values: Iterable[Any] | None, kind: type) -> tuple | None:
     if values is None:
         return None
-    if isinstance(values, (str, bytes)):
-        raise WireError(f"filter field {name!r} must be a list, not a single string")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise WireError(f"filter field {name!r} must be a list, not {type(values).__name__}")
     items = tuple(values)
     for item in items:
         if not isinstance(item, kind) or isinstance(item, bool):
@@ -140,10 +140,15 @@ class Filter:
         set_(self, "authors", _hex_values("authors", self.authors))
         set_(self, "kinds", _values("kinds", self.kinds, int))
         pairs = self.tags.items() if isinstance(self.tags, Mapping) else self.tags
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+            raise WireError("filter tags must map single letters to lists of values")
         tags: list[tuple[str, tuple[str, ...]]] = []
-        for name, values in pairs:
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise WireError("filter tags must be (letter, values) pairs")
+            name, values = pair
             if not isinstance(name, str) or not _TAG_NAME.fullmatch(name):
-                raise WireError(f"filter tag name must be a single letter a-z/A-Z, got {name!r}")
+                raise WireError(f"filter tag name must be a single letter a-z/A-Z, got {repr(name)[:40]}")
             tags.append((name, _values(f"#{name}", values, str) or ()))
         set_(self, "tags", tuple(sorted(tags)))
         for name in ("since", "until", "limit"):

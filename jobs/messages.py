@@ -61,8 +61,8 @@ def parse_message(content: str, job_id: str) -> dict[str, Any]:
         raise ProtocolError("message too large")
     try:
         obj = json.loads(content)
-    except ValueError as exc:
-        raise ProtocolError("message is not JSON") from exc
+    except (ValueError, RecursionError):
+        raise ProtocolError("message is not JSON") from None
     if not isinstance(obj, dict) or obj.get("cdvm") != PROTOCOL_VERSION:
         raise ProtocolError(f"not a cdvm v{PROTOCOL_VERSION} message")
     if obj.get("job") != job_id:
@@ -238,7 +238,7 @@ class DocumentAssembler:
         elif kind == "run":
             self._set_run(obj)
         else:
-            raise ProtocolError(f"unexpected message type {kind!r} from the customer")
+            raise ProtocolError(f"unexpected message type {kind[:40]!r} from the customer")
         return self._ready()
 
     def _add_chunk(self, obj: dict[str, Any]) -> None:

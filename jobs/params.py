@@ -97,7 +97,7 @@ def _as_bool(key: str, value: object) -> bool:
         return value
     if isinstance(value, str) and value.lower() in _BOOLEANS:
         return _BOOLEANS[value.lower()]
-    raise ParamError(f"param {key} must be true or false, got {value!r}")
+    raise ParamError(f"param {key} must be true or false, got {repr(value)[:40]}")
 
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
