@@ -303,7 +303,8 @@ class Relay:
         self._attempt_failed = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[Ok]] = {}
+        self._pending: dict[str, list[asyncio.Future[Ok]]] = {}
+        """Publishes awaiting OK, by event id; each EVENT frame gets one OK, answered in order."""
         self._subs: dict[str, Subscription] = {}
         self._auth_id: str | None = None
         self._auth_done = asyncio.Event()
@@ -454,9 +455,17 @@ class Relay:
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
+        for futures in pending.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+
+    def _forget_pending(self, event_id: str, future: asyncio.Future[Ok]) -> None:
+        futures = self._pending.get(event_id)
+        if futures is not None and future in futures:
+            futures.remove(future)
+            if not futures:
+                del self._pending[event_id]
 
     async def _send(self, frame: str) -> bool:
         ws = self._ws
@@ -522,11 +531,10 @@ class Relay:
                         sub._awaiting_auth = False
                         await self._send(encode_req(sub.sub_id, sub.resume_filters()))
             return
-        future = self._pending.get(ok.event_id)
-        if future is None and not ok.event_id:
-            # nostr-relay 1.14 answers a rejected EVENT with an empty id; relays answer in order.
-            future = next((f for f in self._pending.values() if not f.done()), None)
-        if future is not None and not future.done():
+        waiting = self._pending.get(ok.event_id, []) if ok.event_id else [f for fs in self._pending.values() for f in fs]
+        # nostr-relay 1.14 answers a rejected EVENT with an empty id; relays answer in order.
+        future = next((f for f in waiting if not f.done()), None)
+        if future is not None:
             future.set_result(ok)
 
     async def _on_closed(self, message: Closed) -> None:
@@ -583,7 +591,7 @@ class Relay:
                 while True:
                     await self._until_connected()
                     future: asyncio.Future[Ok] = loop.create_future()
-                    self._pending[event.id] = future
+                    self._pending.setdefault(event.id, []).append(future)
                     try:
                         if not await self._send(frame):
                             await asyncio.sleep(0.05)
@@ -592,8 +600,7 @@ class Relay:
                     except _Disconnected:
                         continue
                     finally:
-                        if self._pending.get(event.id) is future:
-                            del self._pending[event.id]
+                        self._forget_pending(event.id, future)
                     if ok.accepted or ok.prefix == "duplicate":
                         return OkResult(self.url, event.id, True, ok.message)
                     if ok.prefix == "auth-required" and self._key is not None and not auth_retried:

@@ -29,7 +29,7 @@ from dvm.worker import Timeouts, Worker, WorkerConfig
 from jobs.cmodel import SealedModel, is_encrypted
 from jobs.model import DEFAULT_SPEC, ModelRef, resolve_model
 from jobs.sandbox import get_backend
-from jobs.settings import RunnerSettings, runner_spec
+from jobs.settings import HOST_TEE, RunnerSettings, runner_spec
 from jobs.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,13 @@ async def serve(
         sim.sim_root_certificate()
     if not config.policy_summary:
         config = replace(config, policy_summary=default_policy_summary(settings.tee))
+    if backend == "process" and settings.tee != "sim":
+        settings = replace(settings, tee=HOST_TEE)
     spec = runner_spec(settings, model, identity.public_key.hex())
-    warm = WarmPool(get_backend(backend, **(backend_options or {})), spec, config.warm_pool, config.timeouts.sandbox_start)
+    sandboxes = get_backend(backend, **(backend_options or {}))
+    job_claims = getattr(sandboxes, "job_claims", None)
+    claims = await job_claims() if job_claims is not None else None
+    warm = WarmPool(sandboxes, spec, config.warm_pool, config.timeouts.sandbox_start)
     worker = Worker(
         identity,
         relays,
@@ -197,6 +202,7 @@ async def serve(
         state_dir() / "journal.sqlite3",
         model_info=model_info,
         on_ready=on_ready or (lambda line: print(line, file=sys.stderr, flush=True)),
+        claims=claims,
     )
     if stop is None:
         stop = asyncio.Event()

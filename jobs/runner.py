@@ -41,11 +41,12 @@ from typing import Any
 from attest import sim
 from attest.binding import build_report_data
 from attest.collateral import collateral_to_json
+from attest.errors import AttestError
 from attest.evidence import Evidence
 from attest.providers import evidence_report_data, get_evidence
 from dvm import nip04, nip44
 from dvm.errors import CdvmError
-from dvm.keyd import KeyRequest, parse_key_answer
+from dvm.keyd import KeyRequest, ModelKeyRefused, parse_key_answer
 from dvm.keys import PrivateKey, PublicKey
 from dvm.nip01 import Event
 from dvm.nip17 import build_dm, open_dm
@@ -54,7 +55,7 @@ from dvm.nip90 import JobRequest, build_result, parse_job_request
 from dvm.nostr_errors import NostrError
 from jobs.channel import BlockingChannel
 from jobs.cmodel import MemoryModel, SealedModel, decrypt_to_memfd, is_encrypted
-from jobs.errors import JobError, ParamError
+from jobs.errors import JobError, ModelError, ParamError, RagError
 from jobs.llm import LoadedModel, load
 from jobs.messages import (
     Attestation,
@@ -68,15 +69,42 @@ from jobs.messages import (
 )
 from jobs.model import ModelRef, resolve_model
 from jobs.params import GenerationParams, parse_params
+from jobs.settings import HOST_TEE
 from jobs.rag import ANSWER_STOP, Bm25Index, EmbeddingIndex, answer_text, build_prompt, chunk_documents, prompt_budget
 
 CDVM_TAG = "cdvm"
-HOST_TEE = "host"
-"""``--tee host``: the worker obtains the evidence (process sandboxes inside a confidential VM)."""
+
 
 
 class Cancelled(JobError):
-    """The worker cancelled the job (a phase timed out or the worker is shutting down)."""
+    """The worker cancelled the job (a phase timed out, the customer deleted the request, the
+    worker is shutting down). ``missing`` lists what had not arrived (private: customer only)."""
+
+    def __init__(self, reason: str, missing: str = "") -> None:
+        super().__init__(reason)
+        self.missing = missing
+
+
+class PrivateFailure(JobError):
+    """A confidential job failed; the details went to the customer in an encrypted DM and this
+    message, which the worker publishes as `error` feedback, says only what kind of failure it was."""
+
+
+_PUBLIC_CATEGORIES: tuple[tuple[type[Exception], str], ...] = (
+    (ParamError, "invalid generation parameters"),
+    (ProtocolError, "malformed or incomplete private messages"),
+    (RagError, "the documents could not be indexed"),
+    (ModelError, "the model failed"),
+)
+
+
+def public_reason(error: CdvmError) -> str:
+    """What may be said in public about a confidential job's failure (no prompt, document or param
+    value): the worker's own reasons and attestation/key-release failures verbatim, else a category."""
+    if isinstance(error, (Cancelled, AttestError, ModelKeyRefused)):
+        return str(error)
+    category = next((text for kind, text in _PUBLIC_CATEGORIES if isinstance(error, kind)), "job error")
+    return f"the job failed inside the sandbox ({category}); the details were sent to the customer privately"
 
 
 @dataclass(frozen=True)
@@ -180,8 +208,9 @@ class Runner:
             evidence = Evidence.from_json(json.dumps(message["evidence"]))
             if evidence_report_data(evidence.tee, evidence.raw) != report_data:
                 raise JobError("attestation unavailable: the worker's evidence binds other REPORTDATA")
-        else:
-            evidence = get_evidence(report_data, self.config.tee, allow_sim=self.config.allow_sim)
+            collateral = message.get("collateral")
+            return json.loads(evidence.to_json()), collateral if isinstance(collateral, dict) else None
+        evidence = get_evidence(report_data, self.config.tee, allow_sim=self.config.allow_sim)
         collateral = json.loads(collateral_to_json(sim.sim_collateral())) if evidence.tee == "sim" else None
         return json.loads(evidence.to_json()), collateral
 
@@ -196,8 +225,9 @@ class Runner:
         try:
             return self._serve_confidential(request, nonce, customer)
         except CdvmError as error:
-            self._dm(customer, error_message(request.id, str(error)))
-            raise
+            details = f"{error}; still missing: {error.missing}" if isinstance(error, Cancelled) and error.missing else str(error)
+            self._dm(customer, error_message(request.id, details))
+            raise PrivateFailure(public_reason(error)) from None
 
     def _serve_plain(self, request: JobRequest, opened_tags: list[list[str]] | None, customer: PublicKey) -> dict[str, Any]:
         """A plain NIP-90 request: the prompt came in the request (opened by the worker if encrypted)."""
@@ -308,7 +338,7 @@ class Runner:
                 message = self._receive()
             except Cancelled as cancel:
                 missing = ", ".join(assembler.missing()[:5])
-                raise Cancelled(f"{cancel}; still missing: {missing}") from None
+                raise Cancelled(str(cancel), missing) from None
             if message.get("op") != "event":
                 continue
             try:

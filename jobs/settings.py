@@ -22,6 +22,9 @@ from jobs.model import ModelRef
 from jobs.sandbox import SandboxSpec, python_runtime_binds
 
 SANDBOX_HOME = "/tmp"
+HOST_TEE = "host"
+"""The runner's ``--tee host``: the worker obtains evidence for it (a process sandbox inside a
+confidential VM sees no TEE device; docs/protocol.md §8, ``evidence``)."""
 
 
 @dataclass(frozen=True)

@@ -246,3 +246,38 @@ def test_ask_reports_an_unreachable_dvm_clearly(tmp_path: Path) -> None:
                               AskOptions(allow_simulated=True, timeout=3))
         with pytest.raises(AskError, match="no answer within 3 s"):
             asyncio.run(job.run("q", []))
+
+
+def test_worker_supplies_evidence_to_process_sandboxes(tmp_path: Path) -> None:
+    """``--tee host``: the sandbox asks the worker (same confidential VM) for evidence over the
+    channel; the customer still verifies a quote binding the sandbox's own one-time key."""
+    from workerproc import worker_toml
+
+    with LocalRelay(tmp_path / "relay") as relay:
+        config = worker_toml(worker={"tee": "sim", "warm_pool": 1}, sandbox={"tee": "host"})
+        worker = WorkerProcess([relay.url], tmp_path / "state", tee=None, config_toml=config)
+        worker.start()
+        try:
+            result = _ask(relay, worker, PrivateKey.generate(), "What is the badge number of Doctor Okafor?",
+                          [("badge.txt", b"The badge number of Doctor Okafor is 7731.")])
+        finally:
+            worker.stop()
+    assert "7731" in result.answer
+    assert result.verdict.tee == "sim" and result.verdict.verified
+    assert result.verdict.report_data[:64] == result.enclave
+
+
+def test_private_failure_details_go_only_to_the_customer(stack) -> None:
+    relay, worker = stack
+    secret_value = f"SECRETPARAM{secrets.token_hex(4)}"
+    customer = PrivateKey.generate()
+    job = ConfidentialJob(customer, PublicKey.from_hex(worker.pubkey), relays_from_urls([relay.url]),
+                          AskOptions(allow_simulated=True, timeout=120, params={"temperature": secret_value}))
+    with pytest.raises(AskError) as failed:
+        asyncio.run(job.run("q", [("d.txt", b"some document")]))
+    assert "temperature" in str(failed.value)
+    time.sleep(1)
+    public = _events_from(relay, worker.pubkey, kinds=(7000,))
+    errors = [tag for event in public for tag in event["tags"] if tag[:2] == ["status", "error"]]
+    assert any("invalid generation parameters" in tag[2] for tag in errors)
+    assert not any(secret_value in json.dumps(event) for event in public)

@@ -86,6 +86,13 @@ async def test_publish_ok_eose_and_live_events(relay: LocalRelay) -> None:
         assert [e async for e in sub] == []
 
 
+async def test_concurrent_publishes_of_one_event_each_get_their_ok(relay: LocalRelay) -> None:
+    event = sign_event(KEY, 1, "twice at once")
+    async with Relay(relay.url, timeout=5) as client:
+        results = await asyncio.gather(client.publish(event), client.publish(event), client.publish(event))
+    assert all(result.accepted and result.event_id == event.id for result in results)
+
+
 async def test_rejected_publish_carries_relay_message(relay: LocalRelay) -> None:
     good = sign_event(KEY, 1, "x")
     forged = Event(good.id, good.pubkey, good.created_at, good.kind, good.tags, good.content, "00" * 64)
