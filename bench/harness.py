@@ -7,8 +7,9 @@ pair is summarized. A suite is a function ``fn(ctx) -> dict`` (or a coroutine fu
 registered with :func:`suite`; it measures through ``ctx.measure``/``ctx.interleaved`` and
 reports through ``ctx.record``. Raising :class:`Skip` ends a suite with a clear message.
 
-Output: a flat JSON object (each metric key → number or null, plus ``machine``, ``suites``,
-``table``, ``notes``), a markdown report with one table per suite, and matplotlib plots.
+Output: a JSON object (each metric key → number or null, each metric group → object of
+numbers, plus ``machine``, ``suites``, ``table``, ``notes``), a markdown report with one
+table per suite, and matplotlib plots.
 """
 from __future__ import annotations
 
@@ -249,15 +250,30 @@ class Context:
             raise BenchError(f"metric {key!r} must be a number, Stats or None, got {type(value).__name__}")
         self._add(Metric(self.suite, key, None if value is None else float(value), unit, target, better, note))
 
+    def record_map(self, key: str, values: Mapping[str, float | int | Stats | None], target: float | None = None,
+                   better: Better = "lower", *, unit: str = "", note: str = "") -> None:
+        """Record a group of related numbers (one per phase, per concurrency level, ...): each
+        entry is a table row ``key.name`` (recorded as :meth:`record` does) and the JSON holds
+        ``key`` as an object ``{name: value}`` (``name_p95`` too for a :class:`Stats` entry)."""
+        if not values:
+            raise BenchError(f"metric group {key!r} has no entries")
+        for name, value in values.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise BenchError(f"metric group {key!r}: entry names must be non-empty and without '.', got {name!r}")
+            self.record(f"{key}.{name}", value, target, better, unit=unit, note=note)
+
     def note(self, text: str) -> None:
         """A sentence for the report saying what this suite measured, or what it left out and why."""
         self.notes.setdefault(self.suite, []).append(text)
 
     def _add(self, metric: Metric) -> None:
-        if metric.key in RESERVED_KEYS:
+        head = metric.key.partition(".")[0]
+        if head in RESERVED_KEYS:
             raise BenchError(f"metric key {metric.key!r} is reserved for the report")
         if any(existing.key == metric.key for existing in self.metrics):
             raise BenchError(f"metric {metric.key!r} recorded twice")
+        if any(existing.key == head or existing.key.partition(".")[0] == metric.key for existing in self.metrics):
+            raise BenchError(f"metric {metric.key!r} clashes with a metric group of the same name")
         if metric.value is not None and not math.isfinite(metric.value):
             metric = Metric(metric.suite, metric.key, None, metric.unit, metric.target, metric.better,
                             (metric.note + "; " if metric.note else "") + "not finite")
@@ -276,7 +292,7 @@ class Suite:
     description: str
 
 
-SUITE_MODULES = ("bench.crypto", "bench.attestation")
+SUITE_MODULES = ("bench.crypto", "bench.attestation", "bench.models", "bench.jobs", "bench.fuzz")
 """Modules that register suites when imported; :func:`load_suites` imports them in this order."""
 
 SUITES: dict[str, Suite] = {}
@@ -326,13 +342,18 @@ class Report:
         return self.context.metrics
 
     def to_json(self) -> dict[str, Any]:
-        """The flat JSON object: metric keys → numbers (or null), plus machine, suites, table, notes."""
+        """The JSON object: metric keys → numbers (or null), metric groups → objects of numbers,
+        plus machine, suites, table, notes."""
         out: dict[str, Any] = {"schema": 1, "created": self.created, "quick": self.quick, "argv": self.argv,
                                "machine": self.machine,
                                "suites": {r.name: {"status": r.status, "seconds": round(r.seconds, 3),
                                                    "message": r.message} for r in self.results}}
         for metric in self.metrics:
-            out[metric.key] = metric.value
+            group, dot, member = metric.key.partition(".")
+            if dot:
+                out.setdefault(group, {})[member] = metric.value
+            else:
+                out[metric.key] = metric.value
         out["table"] = [metric.to_dict() for metric in self.metrics]
         out["notes"] = self.context.notes
         return out

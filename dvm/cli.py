@@ -21,7 +21,9 @@ COMMAND_MODULES = (
     "dvm.cli_dm",
     "attest.cli",
     "jobs.cli",
+    "jobs.cli_image",
     "bench.cli",
+    "jobs.cli_model",
 )
 
 

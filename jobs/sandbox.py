@@ -145,6 +145,8 @@ class SandboxBackend(ABC):
 
 _BACKENDS: dict[str, str] = {
     "process": "jobs.sandbox_process:ProcessBackend",
+    "microvm": "jobs.sandbox_microvm:MicroVmBackend",
+    "coco": "jobs.sandbox_coco:CocoBackend",
 }
 
 
