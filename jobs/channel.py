@@ -133,8 +133,14 @@ class BlockingChannel:
         return bytes(chunks)
 
     def send(self, obj: dict[str, Any]) -> None:
-        """Write one frame and flush it."""
-        self._wfile.write(encode_frame(obj, max_frame=self._max_frame))
+        """Write one frame and flush it. An unbuffered file may take less than asked per write
+        (a virtio-serial port takes at most 32 KiB), so the rest is written until none is left."""
+        view = memoryview(encode_frame(obj, max_frame=self._max_frame))
+        while view:
+            written = self._wfile.write(view)
+            if written is None:
+                raise ChannelError("the channel cannot take data without blocking")
+            view = view[written:]
         self._wfile.flush()
 
     def recv(self) -> dict[str, Any] | None:

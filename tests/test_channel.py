@@ -139,3 +139,21 @@ def test_blocking_channel() -> None:
         BlockingChannel(Trickle(encode_frame({"op": "a"})[:5]), out).recv()
     with pytest.raises(ChannelError):
         BlockingChannel(Trickle(b"\x00\x01"), out).recv()
+
+
+def test_blocking_send_finishes_short_writes() -> None:
+    class Trickle(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:  # type: ignore[no-untyped-def, override]
+            piece = bytes(b[:1000])
+            self.data += piece
+            return len(piece)
+
+    sink = Trickle()
+    BlockingChannel(io.BytesIO(), sink).send({"op": "publish", "blob": "x" * 50_000})
+    assert FrameDecoder().feed(bytes(sink.data)) == [{"op": "publish", "blob": "x" * 50_000}]
