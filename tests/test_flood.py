@@ -84,9 +84,13 @@ async def test_flood_to_the_one_time_key_is_dropped_and_the_customer_is_heard(tm
     worker = WorkerProcess([relay.url], tmp_path / "worker-state", tee="sim")
     await asyncio.to_thread(worker.start)
     code = f"{secrets.randbelow(9000) + 1000}-{secrets.token_hex(2).upper()}"
-    documents = [("vault.txt", f"The access code for the Zorblat vault is {code}. It changes every spring.".encode())]
+    documents = [
+        ("cafeteria.txt", b"The cafeteria opens at 7:30 and closes after lunch at 14:00 on weekdays."),
+        ("vault.txt", f"The access code for the Zorblat vault is {code}. It is changed every spring.".encode()),
+        ("parking.txt", b"Parking permits are renewed every January at the facilities office on the ground floor."),
+    ]
     job = ConfidentialJob(PrivateKey.generate(), PublicKey.from_hex(worker.pubkey), relays_from_urls([relay.url]),
-                          AskOptions(allow_simulated=True, timeout=150, params={"max_tokens": "16"}))
+                          AskOptions(allow_simulated=True, timeout=150, params={"max_tokens": "32"}))
     floods: list[Flood] = []
     job_ids: list[str] = []
 
