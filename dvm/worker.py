@@ -618,6 +618,7 @@ class Worker:
             if subscription is not None:
                 await subscription.close()
             await sandbox.destroy()
+            self.warm.replenish()
 
     async def _next_message(self, inbox: _Inbox, control: _Control, deadline: float, phase: str) -> dict[str, Any]:
         receive = inbox.next()

@@ -1,8 +1,9 @@
 """A pool of pre-started sandboxes, each used for exactly one job.
 
 A sandbox is "warm" once its runner has loaded and hashed the model and sent ``ready``.
-:meth:`WarmPool.acquire` hands out a warm sandbox (and starts a replacement in the
-background) so a job never waits for process start or model load; with ``size=0`` every
+:meth:`WarmPool.acquire` hands out a warm sandbox so a job never waits for process start or
+model load, and :meth:`WarmPool.replenish` (called when that job is over) starts its
+replacement; with ``size=0`` every
 job starts its sandbox cold. Nothing is ever returned to the pool: a sandbox that served a
 job is destroyed by its user. A warm sandbox that ends while it waits (a limit, its wall
 timeout) is dropped and replaced, never handed out; a sandbox whose start is interrupted
@@ -129,8 +130,9 @@ class WarmPool:
             sandbox, _ = await self._start_ready()
             return sandbox
         while True:
+            if self._ready.empty() and not self._filling:
+                self._refill()
             item = await self._ready.get()
-            self._refill()
             if isinstance(item, SandboxError):
                 raise item
             if not item.ended.done():
@@ -139,6 +141,15 @@ class WarmPool:
                 return item.sandbox
             ended = await item.sandbox.destroy()
             log.warning("a warm sandbox ended while it waited (%s); using the next one", ended.reason)
+
+    def replenish(self) -> None:
+        """Start a replacement for a sandbox that was handed out, once its job is over.
+
+        Refilling only then keeps the replacement's start-up (interpreter, model hash and load:
+        about a second of CPU) from competing with the running job for the same cores; a job
+        that finds the pool empty still gets a sandbox started at once (:meth:`acquire`)."""
+        if self._ready.qsize() + len(self._filling) < self.size:
+            self._refill()
 
     async def close(self) -> None:
         """Destroy every idle sandbox and stop refilling."""

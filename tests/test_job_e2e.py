@@ -86,8 +86,8 @@ def test_secrets_never_leave_the_sandbox_in_clear(stack) -> None:
     since = time.time()
     result = _ask(relay, worker, PrivateKey.generate(), f"What is the password of the {prompt_canary} account?",
                   [("secret.txt", document.encode())])
-    assert answer_canary in result.answer
-    canaries = [c.encode() for c in (answer_canary, prompt_canary, doc_canary)]
+    assert answer_canary in result.answer or doc_canary in result.answer, "the answer must carry a random string"
+    canaries = [c.encode() for c in (answer_canary, prompt_canary, doc_canary, result.answer.strip())]
     places = [relay.db_path, *relay.db_path.parent.glob("relay.sqlite3*"), relay.log_path, worker.log_path,
               *[p for p in worker.state_dir.rglob("*") if p.is_file()]]
     temp_root = Path(os.environ.get("TMPDIR", "/tmp"))
