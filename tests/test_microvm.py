@@ -221,7 +221,11 @@ def test_confidential_job_in_a_microvm(image: Image, tmp_path: Path, monkeypatch
             assert 0 < result.usage["completion_tokens"] <= 4
             assert result.answer.strip()
             deadline = time.monotonic() + 30
-            while any(_alive(s["pid"], s["pid_start"]) for s in warm.values()) and time.monotonic() < deadline:
+
+            def vm_left() -> bool:
+                return any(_alive(s["pid"], s["pid_start"]) or (vms / label).exists() for label, s in warm.items())
+
+            while vm_left() and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert not any(_alive(s["pid"], s["pid_start"]) for s in warm.values()), "the job's VM is destroyed"
             assert not any((vms / label).exists() for label in warm), "and its files removed"
