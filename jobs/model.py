@@ -185,11 +185,12 @@ def default_model_path() -> Path:
     directory = _models_dir()
     target = directory / _embedded.MODEL_NAME
     try:
-        if _has_embedded_digest(target):
-            return target
-        with _assembly_lock(directory):
-            if not _has_embedded_digest(target):
-                _assemble(target)
+        if not _has_embedded_digest(target):
+            with _assembly_lock(directory):
+                if not _has_embedded_digest(target):
+                    _assemble(target)
+        if os.stat(target).st_mode & 0o777 != MODEL_FILE_MODE:
+            os.chmod(target, MODEL_FILE_MODE)  # assembled by an older cdvm as 0600: sandboxes could not read it
     except OSError as exc:
         raise ModelError(f"cannot assemble the default model in {directory}: {exc.strerror or exc}") from exc
     return target

@@ -128,3 +128,11 @@ def test_digest_cache_can_be_bypassed(cache: Path, tmp_path: Path) -> None:
     record["sha256"] = "ab" * 32
     sidecar.write_text(json.dumps(record))
     assert resolve_model(path, use_digest_cache=False).sha256 == _sha(path)
+
+
+def test_default_model_is_readable_by_sandbox_uids() -> None:
+    """Sandboxes run under their own uid: the assembled default model must be world-readable,
+    also when an older cdvm left it 0600."""
+    path = default_model_path()
+    os.chmod(path, 0o600)
+    assert os.stat(default_model_path()).st_mode & 0o777 == 0o644
