@@ -96,7 +96,7 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
         crl.signature_hash_algorithm
         for revoked in crl:
             revoked.serial_number, revoked.revocation_date_utc, revoked.extensions
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion) as exc:
         raise ParseError(f"{what} is not a valid X.509 CRL: {exc}") from None
     return crl
 

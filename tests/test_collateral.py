@@ -222,3 +222,14 @@ def test_collateral_from_pcs_bodies(vectors):
         pck_crl=c.pck_crl, pck_crl_issuer_chain=c.pck_crl_issuer_chain, root_ca_crl=c.root_ca_crl.hex().encode(),
     )
     assert rebuilt == c
+
+
+def test_crl_with_an_invalid_version_is_a_parse_error(vectors) -> None:
+    """Found by `cdvm bench fuzz`: cryptography raises its own InvalidVersion for CRL version 0."""
+    from attest.errors import ParseError
+    from attest.x509util import load_crl
+
+    der = (vectors / "tee/tdx/go-tdx-guest/rootcrl.der").read_bytes()
+    at = der.index(b"\x02\x01\x01")
+    with pytest.raises(ParseError, match="not a valid CRL version"):
+        load_crl(der[:at] + b"\x02\x01\x00" + der[at + 3:], "root CA CRL")
