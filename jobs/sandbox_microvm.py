@@ -39,15 +39,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from dvm.paths import state_dir
-from jobs.channel import encode_frame, read_frame
 from jobs.image import Image, ImageError, default_image_dir
 from jobs.qemu import Share, Tee, VmLaunch, check_qemu_version, parse_qemu_version, qemu_argv
-from jobs.sandbox import LIMIT_REASONS, ExitReason, Sandbox, SandboxBackend, SandboxExit, SandboxSpec, check_label
-from jobs.sandbox_errors import SandboxError, SandboxExited, SandboxLimitExceeded, SandboxStartError
-from jobs.sandbox_process import KILL_GRACE_S, STDERR_TAIL_BYTES, _alive, _proc_start_time, classify_exit
+from jobs.sandbox import SandboxBackend, SandboxExit, SandboxSpec, check_label
+from jobs.sandbox_errors import SandboxStartError
+from jobs.sandbox_process import KILL_GRACE_S, SubprocessSandbox, _alive, _proc_start_time, classify_exit
 
 log = logging.getLogger(__name__)
 
@@ -143,78 +142,28 @@ async def _kill_and_wait(state: _State) -> None:
         log.warning("microvm %s: QEMU survived SIGKILL for %.0f s", state.label, KILL_GRACE_S)
 
 
-class MicroVmSandbox(Sandbox):
-    """A running microVM; built by :meth:`MicroVmBackend.start`."""
+class MicroVmSandbox(SubprocessSandbox):
+    """A running microVM; built by :meth:`MicroVmBackend.start`. QEMU's stdin/stdout are the
+    virtio-serial port; its stderr is the guest console."""
 
     def __init__(self, spec: SandboxSpec, directory: Path, state: _State, proc: asyncio.subprocess.Process) -> None:
-        self.label = state.label
-        self._spec = spec
         self._directory = directory
         self._state = state
-        self._proc = proc
-        self._console = bytearray()
-        self._console_task = asyncio.create_task(self._pump_console())
-        self._forced: ExitReason | None = None
-        self._exit: SandboxExit | None = None
-        self._destroyed = False
-        self._lock = asyncio.Lock()
-        self._watchdog: asyncio.Task[None] | None = None
-        self.reset_deadline()
+        super().__init__(state.label, spec, proc)
 
     def __repr__(self) -> str:
         return f"MicroVmSandbox(label={self.label!r}, qemu_pid={self._proc.pid})"
 
-    async def _pump_console(self) -> None:
-        assert self._proc.stderr is not None
-        while chunk := await self._proc.stderr.read(65536):
-            self._console += chunk
-            if len(self._console) > STDERR_TAIL_BYTES:
-                del self._console[:-STDERR_TAIL_BYTES]
-
-    def reset_deadline(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        self._watchdog = asyncio.create_task(self._expire(self._spec.wall_timeout_s))
-
-    async def _expire(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        if self._proc.returncode is None:
-            self._forced = self._forced or "timeout"
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-
-    def _exited_error(self, ended: SandboxExit) -> SandboxExited:
-        message = f"sandbox {self.label} ended: {ended.reason} (exit status {ended.returncode})"
-        if ended.reason in LIMIT_REASONS:
-            return SandboxLimitExceeded(message, limit=ended.reason, returncode=ended.returncode)
-        return SandboxExited(message, reason=ended.reason, returncode=ended.returncode)
-
-    async def send(self, obj: dict[str, Any]) -> None:
-        if self._destroyed:
-            raise SandboxError(f"sandbox {self.label} was destroyed")
-        stdin = self._proc.stdin
-        assert stdin is not None
-        try:
-            stdin.write(encode_frame(obj, max_frame=self._spec.max_frame))
-            await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            raise self._exited_error(await self.wait()) from None
-
-    async def recv(self) -> dict[str, Any]:
-        if self._destroyed:
-            raise SandboxError(f"sandbox {self.label} was destroyed")
-        assert self._proc.stdout is not None
-        frame = await read_frame(self._proc.stdout, max_frame=self._spec.max_frame)
-        if frame is None:
-            raise self._exited_error(await self.wait())
-        return frame
+    def _kill_on_timeout(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
 
     async def wait(self) -> SandboxExit:
         if self._exit is None:
             qemu_status = await self._proc.wait()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._console_task), KILL_GRACE_S)
-            tail = bytes(self._console)
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), KILL_GRACE_S)
+            tail = bytes(self._stderr)
             returncode, oom, pids_hits = exit_status(tail)
             if returncode is None and self._forced is None and qemu_status != 0:
                 log.warning("microvm %s: QEMU exited with status %s before the runner ended", self.label, qemu_status)
@@ -234,7 +183,7 @@ class MicroVmSandbox(Sandbox):
                 ended = await self.wait()
                 if self._watchdog is not None:
                     self._watchdog.cancel()
-                self._console_task.cancel()
+                self._stderr_task.cancel()
                 if self._proc.stdin is not None:
                     self._proc.stdin.close()
                 shutil.rmtree(self._directory, ignore_errors=True)

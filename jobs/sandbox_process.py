@@ -38,6 +38,7 @@ import signal
 import stat
 import subprocess
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -270,13 +271,15 @@ class _Host:
             shutil.rmtree(self.root / ".uids" / str(self.state.uid), ignore_errors=True)
 
 
-class ProcessSandbox(Sandbox):
-    """A started process sandbox; built by :meth:`ProcessBackend.start`."""
+class SubprocessSandbox(Sandbox):
+    """A sandbox driven through one host subprocess: its stdin/stdout carry the channel frames,
+    its stderr is kept as a bounded tail (never logged), and a watchdog enforces the wall
+    timeout. The process and microvm backends differ only in how they kill, classify the exit
+    and clean up (``_kill_on_timeout``, ``wait``, ``destroy``)."""
 
-    def __init__(self, spec: SandboxSpec, host: _Host, proc: asyncio.subprocess.Process) -> None:
-        self.label = host.state.label
+    def __init__(self, label: str, spec: SandboxSpec, proc: asyncio.subprocess.Process) -> None:
+        self.label = label
         self._spec = spec
-        self._host = host
         self._proc = proc
         self._stderr = bytearray()
         self._stderr_task = asyncio.create_task(self._pump_stderr())
@@ -286,9 +289,6 @@ class ProcessSandbox(Sandbox):
         self._lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self.reset_deadline()
-
-    def __repr__(self) -> str:
-        return f"ProcessSandbox(label={self.label!r}, isolation={self._host.state.isolation!r}, pid={self._proc.pid})"
 
     async def _pump_stderr(self) -> None:
         assert self._proc.stderr is not None
@@ -306,7 +306,11 @@ class ProcessSandbox(Sandbox):
         await asyncio.sleep(seconds)
         if self._proc.returncode is None:
             self._forced = self._forced or "timeout"
-            self._host.kill_all(outer=False)
+            self._kill_on_timeout()
+
+    @abstractmethod
+    def _kill_on_timeout(self) -> None:
+        """Stop everything the sandbox runs once its wall timeout passed."""
 
     def _exited_error(self, ended: SandboxExit) -> SandboxExited:
         message = f"sandbox {self.label} ended: {ended.reason} (exit status {ended.returncode})"
@@ -334,6 +338,20 @@ class ProcessSandbox(Sandbox):
         if frame is None:
             raise self._exited_error(await self.wait())
         return frame
+
+
+class ProcessSandbox(SubprocessSandbox):
+    """A started process sandbox; built by :meth:`ProcessBackend.start`."""
+
+    def __init__(self, spec: SandboxSpec, host: _Host, proc: asyncio.subprocess.Process) -> None:
+        self._host = host
+        super().__init__(host.state.label, spec, proc)
+
+    def __repr__(self) -> str:
+        return f"ProcessSandbox(label={self.label!r}, isolation={self._host.state.isolation!r}, pid={self._proc.pid})"
+
+    def _kill_on_timeout(self) -> None:
+        self._host.kill_all(outer=False)
 
     async def wait(self) -> SandboxExit:
         if self._exit is None:
